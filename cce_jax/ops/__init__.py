@@ -1,0 +1,1 @@
+"""Ops of cce_jax, one folder each."""

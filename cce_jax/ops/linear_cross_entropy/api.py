@@ -1,0 +1,208 @@
+"""Public entry points: `linear_cross_entropy` and `token_logprobs`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from cce_jax.ops.linear_cross_entropy import reference
+from cce_jax.ops.linear_cross_entropy import validation
+from cce_jax.ops.linear_cross_entropy import xla_chunked
+from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
+from cce_jax.typing import Array, Float, Int
+
+_BACKENDS = {"reference": reference, "xla_chunked": xla_chunked}
+
+
+def linear_cross_entropy(
+    e: Float[Array, "*B D"],
+    c: Float[Array, "V D"],
+    targets: Int[Array, "*B"],
+    *,
+    bias: Float[Array, "V"] | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    shift: int = 0,
+    label_smoothing: float = 0.0,
+    weights: Float[Array, "*B"] | None = None,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+    filter_eps: float | Literal["auto"] | None = "auto",
+    exact: bool = False,
+    implementation: str | None = "auto",
+    config: XlaChunkedConfig | None = None,
+    interpret: bool = False,
+):
+  """Cross-entropy of softmax(e @ c.T + bias) against integer targets, without materialising the logits.
+
+  The logits `z = e @ c.T (+ bias)`, optionally softcapped to `softcap * tanh(z / softcap)`, exist only one
+  [block_n, block_v] tile at a time; the forward keeps the fp32 log-sum-exp per token for the backward, which
+  recomputes the tiles (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models").
+
+  Per token, with s the (softcapped) logits, lse = logsumexp(s) and α = label_smoothing:
+    loss = (1 - α)·(lse - s[t]) + α·(lse - mean(s)) + z_loss·lse²
+  i.e. the cross-entropy against (1 - α)·onehot(t) + α/V (optax / PyTorch label smoothing) plus the z-loss.
+
+  Shapes: e [*B, D], c [V, D], targets [*B] (any number of leading dims, including none), bias [V],
+  weights [*B]. With shift=k > 0, position i of the last leading axis is trained on targets[..., i + k] (the
+  targets are shifted, e is not copied); the last k positions have no target and count as ignored.
+
+  Dtype policy: e and c may be bf16, f16, f32 (or f64, for checks) and may differ; logits, softmax and all
+  accumulation are fp32 (f64 for f64 inputs); the loss and the LSE are fp32; gradients come back in the dtype of
+  the input they belong to. In the default mode the backward's GEMMs take their operands in the inputs' dtype
+  (as the forward does) with fp32 accumulation; `exact=True` runs them in fp32 at HIGHEST precision.
+
+  Targets outside [0, V) that are not `ignore_index` make that token's loss NaN (and, through it, the reduced
+  loss and the gradients): a bad label is never silently scored. NaN or Inf in e, c or bias propagate to the
+  loss of the tokens they reach.
+
+  Args:
+    e: [*B, D] hidden states.
+    c: [V, D] classifier (unembedding) matrix.
+    targets: [*B] integer targets in [0, V), or `ignore_index`.
+    bias: optional [V] classifier bias.
+    ignore_index: target value whose tokens contribute no loss and no gradient.
+    softcap: optional cap > 0 of Gemma-2-style logit softcapping.
+    reduction: "mean" (over non-ignored tokens, or weighted: sum(w·loss) / sum(w) over non-ignored tokens;
+      0 when that is empty), "sum" (sum of w·loss) or "none" (per-token w·loss of shape [*B], 0 at ignored
+      positions).
+    shift: k >= 0; train position i on target i + k along the last leading axis.
+    label_smoothing: α in [0, 1).
+    weights: optional [*B] per-position weights (aligned with the output positions, i.e. with e).
+    z_loss: coefficient >= 0 of the auxiliary z-loss z_loss·lse² (PaLM), added per non-ignored token.
+    return_lse: also return the per-token LSE [*B] (fp32, differentiable; computed at every position).
+    filter_eps: gradient filtering: a tile whose |softmax - onehot| is below this everywhere skips its gradient
+      GEMMs. "auto": 2^-12 for 16-bit inputs without label smoothing, else off. None: off.
+    exact: fp32 GEMMs at HIGHEST precision in the backward and no filtering; deterministic.
+    implementation: "auto" (best available: "xla_chunked" for now), "xla_chunked", "reference" (materialised
+      logits, for tests), "pallas_gpu" / "pallas_tpu" (not available yet).
+    config: tile sizes for "xla_chunked" (default: `XlaChunkedConfig.for_shape`).
+    interpret: run Pallas kernels in the interpreter (CPU testing of the Pallas implementations).
+
+  Returns:
+    The loss (fp32 scalar, or [*B] for reduction="none"), and the LSE [*B] when `return_lse`.
+  """
+  e, c, targets, bias, weights = validation.check_arrays(e, c, targets, bias, weights)
+  ignore_index = validation.static_number("ignore_index", ignore_index, integer=True)
+  softcap = validation.static_number("softcap", softcap, low=0.0, low_inclusive=False, allow_none=True)
+  if reduction not in validation.REDUCTIONS:
+    raise ValueError(f"reduction must be one of {validation.REDUCTIONS}, got {reduction!r}")
+  shift = validation.static_number("shift", shift, low=0, integer=True)
+  label_smoothing = validation.static_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+  z_loss = validation.static_number("z_loss", z_loss, low=0.0)
+  if not isinstance(return_lse, bool) or not isinstance(exact, bool):
+    raise TypeError(f"return_lse and exact must be bools, got {return_lse!r}, {exact!r}")
+  backend_name = validation.resolve_implementation(implementation, interpret, config)
+  filter_eps = validation.resolve_filter_eps(
+      filter_eps, exact=exact, label_smoothing=label_smoothing, compute_dtype=jnp.result_type(e, c))
+
+  batch_shape = targets.shape
+  targets = _shift_targets(targets, shift, ignore_index)
+  e_ND, targets_N = e.reshape(-1, e.shape[-1]), targets.reshape(-1)
+  valid_N = targets_N != ignore_index
+  backend = _BACKENDS[backend_name] if e_ND.shape[0] else reference
+  loss_N, lse_N = backend.cross_entropy_per_token(
+      e_ND, c, bias, targets_N, valid_N, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
+      filter_eps=filter_eps, exact=exact, config=_config(config, e_ND.shape[0], *c.shape))
+  loss_N = loss_N * _nan_where_out_of_range(targets_N, valid_N, c.shape[0], loss_N.dtype)
+
+  if weights is None:
+    weights_N = valid_N.astype(loss_N.dtype)
+  else:
+    weights_N = jnp.where(valid_N, weights.reshape(-1).astype(loss_N.dtype), 0.0)
+  loss_N = loss_N * weights_N
+  if reduction == "none":
+    loss = loss_N.reshape(batch_shape)
+  elif reduction == "sum":
+    loss = jnp.sum(loss_N)
+  else:
+    total = jnp.sum(weights_N)
+    loss = jnp.sum(loss_N) / jnp.where(total == 0, 1.0, total)
+  return (loss, lse_N.reshape(batch_shape)) if return_lse else loss
+
+
+def token_logprobs(
+    e: Float[Array, "*B D"],
+    c: Float[Array, "V D"],
+    targets: Int[Array, "*B"],
+    *,
+    bias: Float[Array, "V"] | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: int = 0,
+    return_entropy: bool = False,
+    exact: bool = False,
+    implementation: str | None = "auto",
+    config: XlaChunkedConfig | None = None,
+    interpret: bool = False,
+):
+  """Per-token log p(target) (and entropy) under softmax(f(e @ c.T + bias) / temperature), without the logits.
+
+  For RL and preference losses (PPO, GRPO, DPO): f is the optional softcap; both outputs are differentiable with
+  respect to e, c and bias. Same machinery, shapes and dtype policy as `linear_cross_entropy`: fp32
+  accumulation, fp32 outputs, gradients in the inputs' dtypes; no gradient filtering.
+
+  Args:
+    e: [*B, D] hidden states.
+    c: [V, D] classifier.
+    targets: [*B] integer targets in [0, V), or `ignore_index` (log-prob 0 there; the entropy is still computed).
+      Other targets outside [0, V) give NaN.
+    bias: optional [V] bias.
+    temperature: > 0; logits are divided by it after the softcap.
+    softcap: optional cap > 0.
+    ignore_index: target value to skip.
+    shift: k >= 0; score position i against targets[..., i + k] (the last k positions are ignored).
+    return_entropy: also return the entropy [*B] of each position's distribution (nats).
+    exact: fp32 GEMMs at HIGHEST precision in the backward.
+    implementation, config, interpret: as in `linear_cross_entropy`.
+
+  Returns:
+    logprobs [*B] fp32, and entropy [*B] fp32 when `return_entropy`.
+  """
+  e, c, targets, bias, _ = validation.check_arrays(e, c, targets, bias)
+  temperature = validation.static_number("temperature", temperature, low=0.0, low_inclusive=False)
+  softcap = validation.static_number("softcap", softcap, low=0.0, low_inclusive=False, allow_none=True)
+  ignore_index = validation.static_number("ignore_index", ignore_index, integer=True)
+  shift = validation.static_number("shift", shift, low=0, integer=True)
+  if not isinstance(return_entropy, bool) or not isinstance(exact, bool):
+    raise TypeError(f"return_entropy and exact must be bools, got {return_entropy!r}, {exact!r}")
+  backend_name = validation.resolve_implementation(implementation, interpret, config)
+
+  batch_shape = targets.shape
+  targets = _shift_targets(targets, shift, ignore_index)
+  e_ND, targets_N = e.reshape(-1, e.shape[-1]), targets.reshape(-1)
+  valid_N = targets_N != ignore_index
+  backend = _BACKENDS[backend_name] if e_ND.shape[0] else reference
+  logp_N, entropy_N = backend.logprobs_per_token(
+      e_ND, c, bias, targets_N, softcap=softcap, temperature=temperature, exact=exact,
+      config=_config(config, e_ND.shape[0], *c.shape))
+  logp_N = jnp.where(valid_N, logp_N, 0.0)
+  logp_N = logp_N * _nan_where_out_of_range(targets_N, valid_N, c.shape[0], logp_N.dtype)
+  logp = logp_N.reshape(batch_shape)
+  return (logp, entropy_N.reshape(batch_shape)) if return_entropy else logp
+
+
+def _config(config, n, v, d):
+  return (config or XlaChunkedConfig.for_shape(n, v, d)).clamped(n, v)
+
+
+def _shift_targets(targets, shift, ignore_index):
+  """targets[..., i + shift] at position i; ignore_index where i + shift runs past the end."""
+  if shift == 0:
+    return targets
+  if targets.ndim == 0:
+    raise ValueError("shift > 0 needs targets with a sequence axis (targets.ndim >= 1), got a scalar")
+  length = targets.shape[-1]
+  kept = targets[..., min(shift, length):]
+  pad = jnp.full(targets.shape[:-1] + (length - kept.shape[-1],), ignore_index, targets.dtype)
+  return jnp.concatenate([kept, pad], axis=-1)
+
+
+def _nan_where_out_of_range(targets_N, valid_N, vocab_size, dtype):
+  """A per-token factor: NaN for scored tokens whose target is outside [0, V), else 1."""
+  bad_N = valid_N & ((targets_N < 0) | (targets_N >= vocab_size))
+  return jnp.where(bad_N, jnp.nan, 1.0).astype(dtype)

@@ -188,8 +188,9 @@ def _stats_bwd(spec, residuals, cotangents):
   mm = acc if spec.exact else jnp.result_type(e_ND.dtype, c_VD.dtype)
   row_scale = jnp.maximum(jnp.maximum(jnp.abs(g_lse), jnp.abs(g_st)), jnp.abs(g_mean))
   inv_row_scale = jnp.where(row_scale > 0, 1.0 / jnp.where(row_scale > 0, row_scale, 1.0), 0.0)
-  # Rows with no cotangent contribute nothing; masking them also keeps NaNs of ignored rows out of dC.
-  row_live = (row_scale > 0) | (g_sum != 0)
+  # Rows with no cotangent contribute nothing; masking them also keeps NaNs of ignored rows out of dC. A NaN
+  # cotangent (a token with an out-of-range target) stays live, so the NaN reaches the gradients.
+  row_live = (row_scale != 0) | (g_sum != 0)
 
   def tile_grads(e_blk, c_blk, dz):
     dz_mm = dz.astype(mm)

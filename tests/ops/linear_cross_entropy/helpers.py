@@ -1,0 +1,63 @@
+"""Inputs, error measures and the naive bf16 baseline shared by the loss tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IGNORE = -100
+
+# Tolerances, written once. fp32 inputs: relative L2 error against the reference on the same inputs.
+F32_RTOL = 2e-5
+# 16-bit inputs: error against the fp32-upcast reference may exceed that of the naive 16-bit computation
+# (materialised 16-bit logits, autodiff) by at most this factor plus an absolute margin.
+LOWP_FACTOR = 1.25
+LOWP_MARGIN = 2e-3
+
+
+def make_inputs(seed, batch_shape, d, v, dtype=jnp.float32, *, regime="random", ignore_frac=0.0, bias=False):
+  """Fresh random (e, c, targets, bias): e ~ N(0, 1), c ~ N(0, 4/D) so logits are O(2).
+
+  regime="peaked" moves each hidden state towards its target's classifier row (a confident model).
+  """
+  ks = jax.random.split(jax.random.key(seed), 5)
+  e = jax.random.normal(ks[0], batch_shape + (d,), jnp.float32)
+  c = jax.random.normal(ks[1], (v, d), jnp.float32) * (2.0 / np.sqrt(d))
+  targets = jax.random.randint(ks[2], batch_shape, 0, v)
+  if regime == "peaked":
+    e = 0.3 * e + 3.0 * c[targets]  # target logit ~12 above the rest
+  if ignore_frac:
+    targets = jnp.where(jax.random.uniform(ks[3], batch_shape) < ignore_frac, IGNORE, targets)
+  b = jax.random.normal(ks[4], (v,), jnp.float32) if bias else None
+  cast = lambda x: None if x is None else x.astype(dtype)
+  return cast(e), cast(c), targets, cast(b)
+
+
+def rel_err(x, ref):
+  """||x - ref|| / ||ref|| in float64 (||x - ref|| when ref is 0)."""
+  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  assert np.all(np.isfinite(x)), "non-finite values"
+  denom = np.linalg.norm(ref)
+  return float(np.linalg.norm(x - ref) / (denom if denom > 0 else 1.0))
+
+
+def upcast(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def naive_lowp_loss(e, c, targets, bias=None, *, softcap=None, label_smoothing=0.0, z_loss=0.0):
+  """What one writes without care: logits materialised in the inputs' dtype, then a fp32 mean loss."""
+  logits = e @ c.T
+  if bias is not None:
+    logits = logits + bias
+  logits = logits.astype(jnp.float32)
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
+  logp = jax.nn.log_softmax(logits)
+  valid = targets != IGNORE
+  nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+  loss = (1 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
+  loss = loss + z_loss * jnp.square(jax.nn.logsumexp(logits, axis=-1))
+  return jnp.sum(jnp.where(valid, loss, 0.0)) / jnp.maximum(jnp.sum(valid), 1)

@@ -2,6 +2,7 @@
 
 from cce_jax.ops.linear_cross_entropy import linear_cross_entropy as linear_cross_entropy
 from cce_jax.ops.linear_cross_entropy import token_logprobs as token_logprobs
+from cce_jax.ops.linear_cross_entropy import PallasGpuConfig as PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy import XlaChunkedConfig as XlaChunkedConfig
 
 __version__ = "0.1.0"

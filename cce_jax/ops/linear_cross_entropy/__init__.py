@@ -2,4 +2,5 @@
 
 from cce_jax.ops.linear_cross_entropy.api import linear_cross_entropy as linear_cross_entropy
 from cce_jax.ops.linear_cross_entropy.api import token_logprobs as token_logprobs
+from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig as PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig as XlaChunkedConfig

@@ -7,13 +7,17 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from cce_jax.ops.linear_cross_entropy import pallas_gpu
 from cce_jax.ops.linear_cross_entropy import reference
 from cce_jax.ops.linear_cross_entropy import validation
 from cce_jax.ops.linear_cross_entropy import xla_chunked
+from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
 from cce_jax.typing import Array, Float, Int
 
-_BACKENDS = {"reference": reference, "xla_chunked": xla_chunked}
+_BACKENDS = {"reference": reference, "xla_chunked": xla_chunked, "pallas_gpu": pallas_gpu}
+# Triton's dot needs every tile dimension >= 16; "auto" leaves smaller problems to XLA.
+_PALLAS_GPU_MIN_DIM = 16
 
 
 def linear_cross_entropy(
@@ -52,8 +56,9 @@ def linear_cross_entropy(
 
   Dtype policy: e and c may be bf16, f16, f32 (or f64, for checks) and may differ; logits, softmax and all
   accumulation are fp32 (f64 for f64 inputs); the loss and the LSE are fp32; gradients come back in the dtype of
-  the input they belong to. In the default mode the backward's GEMMs take their operands in the inputs' dtype
-  (as the forward does) with fp32 accumulation; `exact=True` runs them in fp32 at HIGHEST precision.
+  the input they belong to. Every GEMM takes its operands in the inputs' (promoted) dtype, the backward's
+  d(logits) included, and accumulates in fp32. `exact=True` asks for HIGHEST matmul precision (no TF32 for f32
+  inputs), no gradient filtering and a deterministic backward.
 
   Targets outside [0, V) that are not `ignore_index` make that token's loss NaN (and, through it, the reduced
   loss and the gradients): a bad label is never silently scored. NaN or Inf in e, c or bias propagate to the
@@ -76,10 +81,12 @@ def linear_cross_entropy(
     return_lse: also return the per-token LSE [*B] (fp32, differentiable; computed at every position).
     filter_eps: gradient filtering: a tile whose |softmax - onehot| is below this everywhere skips its gradient
       GEMMs. "auto": 2^-12 for 16-bit inputs without label smoothing, else off. None: off.
-    exact: fp32 GEMMs at HIGHEST precision in the backward and no filtering; deterministic.
-    implementation: "auto" (best available: "xla_chunked" for now), "xla_chunked", "reference" (materialised
-      logits, for tests), "pallas_gpu" / "pallas_tpu" (not available yet).
-    config: tile sizes for "xla_chunked" (default: `XlaChunkedConfig.for_shape`).
+    exact: HIGHEST matmul precision, no gradient filtering, bitwise deterministic run to run.
+    implementation: "auto" (best available: "pallas_gpu" on NVIDIA GPUs, else "xla_chunked"), "pallas_gpu"
+      (Triton kernels), "xla_chunked" (blockwise XLA, any platform), "reference" (materialised logits, for
+      tests), "pallas_tpu" (not available yet).
+    config: tile sizes: an `XlaChunkedConfig` for "xla_chunked", a `PallasGpuConfig` for "pallas_gpu"
+      (default: the config class's `for_shape`).
     interpret: run Pallas kernels in the interpreter (CPU testing of the Pallas implementations).
 
   Returns:
@@ -95,7 +102,8 @@ def linear_cross_entropy(
   z_loss = validation.static_number("z_loss", z_loss, low=0.0)
   if not isinstance(return_lse, bool) or not isinstance(exact, bool):
     raise TypeError(f"return_lse and exact must be bools, got {return_lse!r}, {exact!r}")
-  backend_name = validation.resolve_implementation(implementation, interpret, config)
+  backend_name = validation.resolve_implementation(implementation, interpret, config,
+                                                  platform=jax.default_backend())
   filter_eps = validation.resolve_filter_eps(
       filter_eps, exact=exact, label_smoothing=label_smoothing, compute_dtype=jnp.result_type(e, c))
 
@@ -103,10 +111,10 @@ def linear_cross_entropy(
   targets = _shift_targets(targets, shift, ignore_index)
   e_ND, targets_N = e.reshape(-1, e.shape[-1]), targets.reshape(-1)
   valid_N = targets_N != ignore_index
-  backend = _BACKENDS[backend_name] if e_ND.shape[0] else reference
+  backend, backend_kwargs = _backend(backend_name, implementation, config, interpret, e_ND.shape, c.shape)
   loss_N, lse_N = backend.cross_entropy_per_token(
       e_ND, c, bias, targets_N, valid_N, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
-      filter_eps=filter_eps, exact=exact, config=_config(config, e_ND.shape[0], *c.shape))
+      filter_eps=filter_eps, exact=exact, **backend_kwargs)
   loss_N = loss_N * _nan_where_out_of_range(targets_N, valid_N, c.shape[0], loss_N.dtype)
 
   if weights is None:
@@ -157,7 +165,7 @@ def token_logprobs(
     ignore_index: target value to skip.
     shift: k >= 0; score position i against targets[..., i + k] (the last k positions are ignored).
     return_entropy: also return the entropy [*B] of each position's distribution (nats).
-    exact: fp32 GEMMs at HIGHEST precision in the backward.
+    exact: HIGHEST matmul precision, bitwise deterministic run to run.
     implementation, config, interpret: as in `linear_cross_entropy`.
 
   Returns:
@@ -170,24 +178,36 @@ def token_logprobs(
   shift = validation.static_number("shift", shift, low=0, integer=True)
   if not isinstance(return_entropy, bool) or not isinstance(exact, bool):
     raise TypeError(f"return_entropy and exact must be bools, got {return_entropy!r}, {exact!r}")
-  backend_name = validation.resolve_implementation(implementation, interpret, config)
+  backend_name = validation.resolve_implementation(implementation, interpret, config,
+                                                  platform=jax.default_backend())
 
   batch_shape = targets.shape
   targets = _shift_targets(targets, shift, ignore_index)
   e_ND, targets_N = e.reshape(-1, e.shape[-1]), targets.reshape(-1)
   valid_N = targets_N != ignore_index
-  backend = _BACKENDS[backend_name] if e_ND.shape[0] else reference
+  backend, backend_kwargs = _backend(backend_name, implementation, config, interpret, e_ND.shape, c.shape)
   logp_N, entropy_N = backend.logprobs_per_token(
-      e_ND, c, bias, targets_N, softcap=softcap, temperature=temperature, exact=exact,
-      config=_config(config, e_ND.shape[0], *c.shape))
+      e_ND, c, bias, targets_N, softcap=softcap, temperature=temperature, exact=exact, **backend_kwargs)
   logp_N = jnp.where(valid_N, logp_N, 0.0)
   logp_N = logp_N * _nan_where_out_of_range(targets_N, valid_N, c.shape[0], logp_N.dtype)
   logp = logp_N.reshape(batch_shape)
   return (logp, entropy_N.reshape(batch_shape)) if return_entropy else logp
 
 
-def _config(config, n, v, d):
-  return (config or XlaChunkedConfig.for_shape(n, v, d)).clamped(n, v)
+def _backend(name, requested, config, interpret, e_shape, c_shape):
+  """The backend module and its keyword arguments (tile config, interpreter flag) for these shapes."""
+  (n, d), v = e_shape, c_shape[0]
+  if n == 0:
+    return reference, {}
+  if (name == "pallas_gpu" and requested in (None, "auto") and not interpret
+      and min(n, v, d) < _PALLAS_GPU_MIN_DIM):
+    name, config = "xla_chunked", None
+  if name == "xla_chunked":
+    return xla_chunked, {"config": (config or XlaChunkedConfig.for_shape(n, v, d)).clamped(n, v)}
+  if name == "pallas_gpu":
+    config = (config or PallasGpuConfig.for_shape(n, v, d)).clamped(n, v, d)
+    return pallas_gpu, {"config": config, "interpret": interpret}
+  return reference, {}
 
 
 def _shift_targets(targets, shift, ignore_index):

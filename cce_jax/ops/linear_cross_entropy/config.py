@@ -43,3 +43,63 @@ class XlaChunkedConfig:
   def clamped(self, n: int, v: int) -> "XlaChunkedConfig":
     """The same config with each block no larger than its dimension."""
     return XlaChunkedConfig(block_n=min(self.block_n, max(n, 1)), block_v=min(self.block_v, v))
+
+
+def _pow2_floor(x: int) -> int:
+  return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasGpuConfig:
+  """Tile shape and launch parameters of the `"pallas_gpu"` (Triton) kernels.
+
+  Attributes:
+    block_n: tokens per tile (power of 2; Triton's dot wants >= 16 on a GPU).
+    block_v: vocabulary entries per tile (power of 2).
+    block_d: hidden-size chunk per step of the GEMM loop (power of 2); D need not be a multiple.
+    num_warps: warps per program.
+    num_stages: software-pipelining depth of the D loop.
+    num_splits: vocabulary splits of the forward grid; None picks enough to fill the GPU.
+  """
+
+  block_n: int = 64
+  block_v: int = 128
+  block_d: int = 64
+  num_warps: int = 4
+  num_stages: int = 3
+  num_splits: int | None = None
+
+  def __post_init__(self):
+    for name in ("block_n", "block_v", "block_d"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+        raise ValueError(f"PallasGpuConfig.{name} must be a positive power of 2, got {value!r}")
+    for name in ("num_warps", "num_stages"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"PallasGpuConfig.{name} must be a positive int, got {value!r}")
+    if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):
+      raise ValueError(f"PallasGpuConfig.num_splits must be a positive int or None, got {self.num_splits!r}")
+
+  @classmethod
+  def for_shape(cls, n: int, v: int, d: int) -> "PallasGpuConfig":
+    """The default for N tokens, V vocabulary entries and hidden size D."""
+    del n, v, d
+    return cls()
+
+  def clamped(self, n: int, v: int, d: int) -> "PallasGpuConfig":
+    """Each block no larger than the largest power of 2 within its dimension."""
+    return dataclasses.replace(
+        self, block_n=min(self.block_n, _pow2_floor(n)), block_v=min(self.block_v, _pow2_floor(v)),
+        block_d=min(self.block_d, _pow2_floor(d)))
+
+  def num_splits_for(self, n: int, v: int) -> int:
+    if self.num_splits is not None:
+      return min(self.num_splits, -(-v // self.block_v))
+    token_tiles = -(-n // self.block_n)
+    return max(1, min(-(-512 // token_tiles), -(-v // self.block_v)))
+
+  def exact_backward_tiles(self, n: int, v: int) -> XlaChunkedConfig:
+    """Tiles of the deterministic (exact) backward, which runs as blockwise XLA GEMMs: large, for speed."""
+    block_v = min(v, 2048)
+    return XlaChunkedConfig(block_n=max(1, min(n, (1 << 23) // block_v)), block_v=block_v)

@@ -7,6 +7,7 @@ import numbers
 import jax.numpy as jnp
 import numpy as np
 
+from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
 
 IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "xla_chunked", "reference")
@@ -73,26 +74,35 @@ def check_arrays(e, c, targets, bias=None, weights=None):
   return e, c, targets, bias, weights
 
 
-def resolve_implementation(implementation, interpret, config):
-  """The backend name that runs, after checking the switch and its companions."""
+def resolve_implementation(implementation, interpret, config, *, platform):
+  """The backend name that runs, after checking the switch and its companions.
+
+  "auto" picks "pallas_gpu" on NVIDIA GPUs and when `interpret=True`, else "xla_chunked".
+  """
   if implementation is None:
     implementation = "auto"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   if not isinstance(interpret, bool):
     raise TypeError(f"interpret must be a bool, got {interpret!r}")
-  if implementation in ("pallas_gpu", "pallas_tpu") or (implementation == "auto" and interpret):
-    raise NotImplementedError(
-        f"implementation={implementation!r}, interpret={interpret}: the Pallas kernels are not available yet;"
-        " use implementation='xla_chunked' (or 'auto', which picks it)")
-  if interpret:
+  if implementation == "pallas_tpu":
+    raise NotImplementedError("implementation='pallas_tpu' is not available yet; use 'xla_chunked' or 'auto'")
+  if implementation == "auto":
+    chosen = "pallas_gpu" if interpret or platform == "gpu" else "xla_chunked"
+  else:
+    chosen = implementation
+  if interpret and chosen != "pallas_gpu":
     raise ValueError(f"interpret=True applies to Pallas implementations only, not {implementation!r}")
-  chosen = "xla_chunked" if implementation == "auto" else implementation
+  if chosen == "pallas_gpu" and not interpret and platform != "gpu":
+    raise ValueError(
+        f"implementation='pallas_gpu' needs an NVIDIA GPU (the default backend is {platform!r}); pass "
+        "interpret=True to run the kernels in the Pallas interpreter")
   if config is not None:
-    if not isinstance(config, XlaChunkedConfig):
-      raise TypeError(f"config must be an XlaChunkedConfig or None, got {type(config).__name__}")
-    if chosen != "xla_chunked":
-      raise ValueError(f"config={config} applies to implementation='xla_chunked', not {chosen!r}")
+    wanted = {"xla_chunked": XlaChunkedConfig, "pallas_gpu": PallasGpuConfig}.get(chosen)
+    if wanted is None or not isinstance(config, wanted):
+      raise TypeError(
+          f"config must be {wanted.__name__ if wanted else 'None'} for implementation {chosen!r}, got "
+          f"{type(config).__name__}")
   return chosen
 
 

@@ -185,7 +185,8 @@ def _stats_bwd(spec, residuals, cotangents):
   v = c_VD.shape[0]
   bn, bv = spec.config.block_n, spec.config.block_v
   acc = lse.dtype
-  mm = acc if spec.exact else jnp.result_type(e_ND.dtype, c_VD.dtype)
+  # dZ goes into the gradient GEMMs in the inputs' dtype (as the logits GEMM takes e and c), fp32 accumulation.
+  mm = jnp.result_type(e_ND.dtype, c_VD.dtype)
   row_scale = jnp.maximum(jnp.maximum(jnp.abs(g_lse), jnp.abs(g_st)), jnp.abs(g_mean))
   inv_row_scale = jnp.where(row_scale > 0, 1.0 / jnp.where(row_scale > 0, row_scale, 1.0), 0.0)
   # Rows with no cotangent contribute nothing; masking them also keeps NaNs of ignored rows out of dC. A NaN

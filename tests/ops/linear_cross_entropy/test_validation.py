@@ -6,6 +6,9 @@ import jax.numpy as jnp
 import pytest
 
 import cce_jax
+import jax
+
+from cce_jax import PallasGpuConfig
 from cce_jax import XlaChunkedConfig
 
 E = jnp.ones((4, 8))
@@ -25,9 +28,9 @@ T = jnp.zeros((4,), jnp.int32)
     ((E, C, T), dict(weights=jnp.ones((4, 1))), ValueError, "weights.shape"),
     ((E, C, T), dict(reduction="avg"), ValueError, "reduction must be one of"),
     ((E, C, T), dict(implementation="cuda"), ValueError, "implementation must be one of"),
-    ((E, C, T), dict(implementation="pallas_gpu"), NotImplementedError, "pallas_gpu"),
-    ((E, C, T), dict(interpret=True), NotImplementedError, "interpret"),
+    ((E, C, T), dict(implementation="pallas_tpu"), NotImplementedError, "pallas_tpu"),
     ((E, C, T), dict(implementation="xla_chunked", interpret=True), ValueError, "interpret"),
+    ((E, C, T), dict(interpret=1), TypeError, "interpret must be a bool"),
     ((E, C, T), dict(softcap=-1.0), ValueError, "softcap must be > 0"),
     ((E, C, T), dict(softcap=0.0), ValueError, "softcap must be > 0"),
     ((E, C, T), dict(softcap=jnp.float32(2.0)), TypeError, "softcap must be a Python float"),
@@ -40,8 +43,10 @@ T = jnp.zeros((4,), jnp.int32)
     ((E, C, T), dict(filter_eps=-1.0), ValueError, "filter_eps must be >= 0"),
     ((E, C, T), dict(exact=True, filter_eps=1e-3), ValueError, "exact=True"),
     ((E, C, T), dict(label_smoothing=0.1, filter_eps=1e-3), NotImplementedError, "label_smoothing"),
-    ((E, C, T), dict(config=(8, 8)), TypeError, "XlaChunkedConfig"),
-    ((E, C, T), dict(implementation="reference", config=XlaChunkedConfig(8, 8)), ValueError, "xla_chunked"),
+    ((E, C, T), dict(implementation="xla_chunked", config=(8, 8)), TypeError, "XlaChunkedConfig"),
+    ((E, C, T), dict(implementation="xla_chunked", config=PallasGpuConfig()), TypeError, "XlaChunkedConfig"),
+    ((E, C, T), dict(interpret=True, config=XlaChunkedConfig(8, 8)), TypeError, "PallasGpuConfig"),
+    ((E, C, T), dict(implementation="reference", config=XlaChunkedConfig(8, 8)), TypeError, "reference"),
     ((jnp.ones((8,)), C, jnp.zeros((), jnp.int32)), dict(shift=1), ValueError, "sequence axis"),
 ])
 def test_linear_cross_entropy_rejects(args, kwargs, error, match):
@@ -57,3 +62,9 @@ def test_linear_cross_entropy_rejects(args, kwargs, error, match):
 def test_token_logprobs_rejects(kwargs, error, match):
   with pytest.raises(error, match=match):
     cce_jax.token_logprobs(E, C, T, **kwargs)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the message on machines without a GPU")
+def test_pallas_gpu_without_gpu_points_to_interpret():
+  with pytest.raises(ValueError, match="interpret=True"):
+    cce_jax.linear_cross_entropy(E, C, T, implementation="pallas_gpu")

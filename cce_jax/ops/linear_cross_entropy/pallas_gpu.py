@@ -1,0 +1,293 @@
+"""Pallas (Triton) kernels for NVIDIA GPUs: the per-token logit statistics and their backward.
+
+Same contract as `xla_chunked.logit_stats` (see there for the math): one custom_vjp whose outputs are the
+per-token LSE, target logit, logit sum and softmax-mean logit, from which `stats_losses` forms every loss.
+
+Forward (`cce_fwd`): grid (token tiles, vocabulary splits). A program owns `block_n` tokens and one contiguous
+split of the vocabulary, walks it `block_v` columns at a time, builds each [block_n, block_v] logit tile by a loop
+over D in `block_d` chunks (fp32 accumulation) and keeps an online log-sum-exp; the splits are merged in XLA.
+Splitting the vocabulary keeps the GPU full when N / block_n is small.
+
+Backward (`cce_bwd`): grid (token tiles, vocabulary tiles). A program recomputes its logit tile, forms dZ and, if
+the tile survives gradient filtering, adds dZ @ c into dE and dZ.T @ e into dC with fp32 atomics, D chunk by
+D chunk. With `exact=True` the backward is the deterministic blockwise XLA one (no atomics).
+
+Triton needs power-of-2 block shapes; the dimensions need not be multiples of them: a block that would run past
+the end of an array is moved back to end at the edge and its already-covered rows/columns are masked, so no
+input is padded or copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from cce_jax.ops.linear_cross_entropy import stats_losses
+from cce_jax.ops.linear_cross_entropy import xla_chunked
+from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
+from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
+from cce_jax.ops.linear_cross_entropy.stats_losses import LogitStats
+
+
+def cross_entropy_per_token(e_ND, c_VD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
+                            filter_eps, exact, config, interpret=False):
+  """Per-token loss [N] (0 where not valid_N) and LSE [N], fp32, by the Pallas kernels."""
+  spec = _spec(softcap, 1.0, bool(label_smoothing), False, config, exact, filter_eps, interpret)
+  stats = LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N))
+  return stats_losses.cross_entropy(stats, valid_N, vocab_size=c_VD.shape[0],
+                                    label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, exact, config, interpret=False):
+  """log p(target) [N] and entropy [N] of softmax(logits / temperature), fp32, by the Pallas kernels."""
+  spec = _spec(softcap, 1.0 / temperature, False, True, config, exact, None, interpret)
+  return stats_losses.logprobs(LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  stats: xla_chunked.StatsSpec  # the math options (its config is unused here)
+  config: PallasGpuConfig
+  interpret: bool
+
+
+def _spec(softcap, inv_temperature, with_sum, with_mean, config, exact, filter_eps, interpret):
+  stats = xla_chunked.StatsSpec(
+      softcap=softcap, inv_temperature=inv_temperature, with_sum=with_sum, with_mean=with_mean,
+      config=XlaChunkedConfig(1, 1), exact=exact, filter_eps=filter_eps)
+  return _Spec(stats=stats, config=config, interpret=interpret)
+
+
+def _logit_tile(e_ref, c_ref, n_start, v_start, *, bn, bv, bd, d, precision):
+  """z = e[n_start:+bn] @ c[v_start:+bv].T as a [bn, bv] fp32 tile, walking D in chunks of bd."""
+  compute = jnp.result_type(e_ref.dtype, c_ref.dtype)
+  acc = _acc_dtype(compute)
+
+  def body(k, z):
+    d_first = k * bd
+    d_start = jnp.minimum(d_first, d - bd)
+    e_blk = e_ref[pl.ds(n_start, bn), pl.ds(d_start, bd)].astype(compute)
+    c_blk = c_ref[pl.ds(v_start, bv), pl.ds(d_start, bd)].astype(compute)
+    if d % bd:  # the moved-back last chunk must not count its first columns twice
+      e_blk = jnp.where((d_start + jnp.arange(bd) >= d_first)[None, :], e_blk, jnp.zeros_like(e_blk))
+    return z + lax.dot_general(e_blk, c_blk, (((1,), (1,)), ((), ())), preferred_element_type=acc,
+                               precision=precision)
+
+  # int32 bounds keep the loop index int32 (index arithmetic must not mix widths under jax_enable_x64).
+  return lax.fori_loop(jnp.int32(0), jnp.int32(pl.cdiv(d, bd)), body, jnp.zeros((bn, bv), acc))
+
+
+def _acc_dtype(*dtypes):
+  """fp32, or f64 for f64 inputs (so that the interpreter can be checked against finite differences)."""
+  return jnp.promote_types(jnp.float32, jnp.result_type(*dtypes))
+
+
+def _transform(z, stats_spec):
+  return xla_chunked._transform(z, stats_spec)  # pylint: disable=protected-access
+
+
+def _precision(stats_spec):
+  return lax.Precision.HIGHEST if stats_spec.exact else None
+
+
+def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
+  cfg, st_spec = spec.config, spec.stats
+  bn, bv, bd = cfg.block_n, cfg.block_v, cfg.block_d
+  refs = list(refs)
+  e_ref, c_ref = refs.pop(0), refs.pop(0)
+  b_ref = refs.pop(0) if has_bias else None
+  t_ref = refs.pop(0)
+  m_ref, l_ref, st_ref, sum_ref, w_ref = refs
+
+  i, j = pl.program_id(0), pl.program_id(1)
+  n_start = jnp.minimum(i * bn, n - bn)
+  targets = t_ref[pl.ds(n_start, bn)]
+  v_lo = j * v_per_split
+  v_hi = jnp.minimum(v, v_lo + v_per_split)
+
+  def body(k, carry):
+    m, l, st, ssum, w = carry
+    v_first = v_lo + k * bv
+    v_start = jnp.minimum(v_first, v - bv)
+    cols = v_start + jnp.arange(bv)
+    col_ok = ((cols >= v_first) & (cols < v_hi))[None, :]
+    z = _logit_tile(e_ref, c_ref, n_start, v_start, bn=bn, bv=bv, bd=bd, d=d, precision=_precision(st_spec))
+    if b_ref is not None:
+      z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
+    s, _ = _transform(z, st_spec)
+    s_ok = jnp.where(col_ok, s, 0.0)
+    m_new = jnp.maximum(m, jnp.max(jnp.where(col_ok, s, -jnp.inf), axis=1))
+    rescale = jnp.exp(m - m_new)
+    p = jnp.where(col_ok, jnp.exp(s - m_new[:, None]), 0.0)
+    l = l * rescale + jnp.sum(p, axis=1)
+    st = st + jnp.sum(jnp.where(cols[None, :] == targets[:, None], s_ok, 0.0), axis=1)
+    if st_spec.with_sum:
+      ssum = ssum + jnp.sum(s_ok, axis=1)
+    if st_spec.with_mean:
+      w = w * rescale + jnp.sum(p * s_ok, axis=1)
+    return m_new, l, st, ssum, w
+
+  zeros = jnp.zeros((bn,), m_ref.dtype)
+  num_tiles = (jnp.maximum(v_hi - v_lo, 0) + bv - 1) // bv
+  m, l, st, ssum, w = lax.fori_loop(0, num_tiles, body, (zeros - jnp.inf, zeros, zeros, zeros, zeros))
+  rows = pl.ds(n_start, bn)
+  m_ref[j, rows] = m
+  l_ref[j, rows] = l
+  st_ref[j, rows] = st
+  sum_ref[j, rows] = ssum
+  w_ref[j, rows] = w
+
+
+def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
+  n, d = e_ND.shape
+  v = c_VD.shape[0]
+  cfg = spec.config
+  splits = cfg.num_splits_for(n, v)
+  v_per_split = pl.cdiv(pl.cdiv(v, splits), cfg.block_v) * cfg.block_v
+  splits = pl.cdiv(v, v_per_split)
+  part = jax.ShapeDtypeStruct((splits, n), _acc_dtype(e_ND.dtype, c_VD.dtype))
+  args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + [targets_N.astype(jnp.int32)]
+  m, l, st, ssum, w = pl.pallas_call(
+      functools.partial(_fwd_kernel, spec=spec, n=n, v=v, d=d, v_per_split=v_per_split,
+                        has_bias=bias_V is not None),
+      grid=(pl.cdiv(n, cfg.block_n), splits),
+      in_specs=[pl.no_block_spec] * len(args),
+      out_specs=[pl.no_block_spec] * 5,
+      out_shape=[part] * 5,
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      interpret=spec.interpret,
+      name="cce_fwd",
+  )(*args)
+  # Merge the vocabulary splits.
+  m_max = jnp.max(m, axis=0)
+  scale = jnp.exp(m - m_max[None, :])
+  l_sum = jnp.sum(l * scale, axis=0)
+  lse = m_max + jnp.log(l_sum)
+  mean = jnp.sum(w * scale, axis=0) / l_sum if spec.stats.with_mean else jnp.zeros_like(lse)
+  out = (lse, jnp.sum(st, axis=0), jnp.sum(ssum, axis=0), mean)
+  return out, (e_ND, c_VD, bias_V, targets_N, lse, mean)
+
+
+def _bwd_kernel(*refs, spec, n, v, d, has_bias):
+  cfg, st_spec = spec.config, spec.stats
+  bn, bv, bd = cfg.block_n, cfg.block_v, cfg.block_d
+  refs = list(refs)
+  e_ref, c_ref = refs.pop(0), refs.pop(0)
+  b_ref = refs.pop(0) if has_bias else None
+  t_ref, lse_ref, mean_ref, g_lse_ref, g_st_ref, g_sum_ref, g_mean_ref, inv_r_ref = refs[:8]
+  refs = refs[8:]
+  n_in = len(refs) // 2  # the zero-initialised accumulators come in aliased to the outputs
+  de_ref, dc_ref = refs[n_in], refs[n_in + 1]
+  db_ref = refs[n_in + 2] if has_bias else None
+
+  i, j = pl.program_id(0), pl.program_id(1)
+  n_first, v_first = i * bn, j * bv
+  n_start, v_start = jnp.minimum(n_first, n - bn), jnp.minimum(v_first, v - bv)
+  rows_blk = pl.ds(n_start, bn)
+  rows, cols = n_start + jnp.arange(bn), v_start + jnp.arange(bv)
+  row_vec = lambda ref: ref[rows_blk][:, None]
+
+  z = _logit_tile(e_ref, c_ref, n_start, v_start, bn=bn, bv=bv, bd=bd, d=d, precision=_precision(st_spec))
+  if b_ref is not None:
+    z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
+  s, dsdz = _transform(z, st_spec)
+  p = jnp.exp(s - row_vec(lse_ref))
+  coef = row_vec(g_lse_ref)
+  if st_spec.with_mean:
+    coef = coef + row_vec(g_mean_ref) * (1.0 + s - row_vec(mean_ref))
+  ds = coef * p + jnp.where(cols[None, :] == t_ref[rows_blk][:, None], row_vec(g_st_ref), 0.0)
+  if st_spec.with_sum:
+    ds = ds + row_vec(g_sum_ref)
+  live = ((rows >= n_first)[:, None] & (cols >= v_first)[None, :])
+  live = live & ((row_vec(inv_r_ref) != 0) | (row_vec(g_sum_ref) != 0))
+  ds = jnp.where(live, ds, 0.0)
+  dz = ds * dsdz
+  compute = jnp.result_type(e_ref.dtype, c_ref.dtype)
+  dz_mm = dz.astype(compute)
+
+  def accumulate():
+    def body(k, carry):
+      d_first = k * bd
+      d_start = jnp.minimum(d_first, d - bd)
+      dcols = pl.ds(d_start, bd)
+      c_blk = c_ref[pl.ds(v_start, bv), dcols].astype(compute)
+      e_blk = e_ref[rows_blk, dcols].astype(compute)
+      de = lax.dot_general(dz_mm, c_blk, (((1,), (0,)), ((), ())), preferred_element_type=z.dtype,
+                           precision=_precision(st_spec))
+      dc = lax.dot_general(dz_mm, e_blk, (((0,), (0,)), ((), ())), preferred_element_type=z.dtype,
+                           precision=_precision(st_spec))
+      if d % bd:
+        fresh = (d_start + jnp.arange(bd) >= d_first)[None, :]
+        de, dc = jnp.where(fresh, de, 0.0), jnp.where(fresh, dc, 0.0)
+      plgpu.atomic_add(de_ref, (rows_blk, dcols), de)
+      plgpu.atomic_add(dc_ref, (pl.ds(v_start, bv), dcols), dc)
+      return carry
+
+    lax.fori_loop(jnp.int32(0), jnp.int32(pl.cdiv(d, bd)), body, 0)
+    if db_ref is not None:
+      plgpu.atomic_add(db_ref, (pl.ds(v_start, bv),), jnp.sum(dz, axis=0))
+
+  if st_spec.filter_eps is None:
+    accumulate()
+  else:
+    # |dS| / max(|g_lse|, |g_target|, |g_mean|) is |softmax - onehot| for the cross-entropy.
+    keep = jnp.max(jnp.abs(ds) * row_vec(inv_r_ref)) >= st_spec.filter_eps
+    keep = keep | jnp.isnan(jnp.sum(ds))
+    pl.when(keep)(accumulate)
+
+
+def _stats_bwd(spec, residuals, cotangents):
+  st_spec = spec.stats
+  if st_spec.exact:  # deterministic: the blockwise XLA backward, no atomics
+    e_ND, c_VD = residuals[0], residuals[1]
+    n, v = e_ND.shape[0], c_VD.shape[0]
+    xla_spec = dataclasses.replace(st_spec, config=spec.config.exact_backward_tiles(n, v))
+    return xla_chunked._stats_bwd(xla_spec, residuals, cotangents)  # pylint: disable=protected-access
+  e_ND, c_VD, bias_V, targets_N, lse, mean = residuals
+  acc = lse.dtype
+  g_lse, g_st, g_sum, g_mean = (g.astype(acc) for g in cotangents)
+  if not st_spec.with_sum:
+    g_sum = jnp.zeros_like(g_sum)
+  if not st_spec.with_mean:
+    g_mean = jnp.zeros_like(g_mean)
+  row_scale = jnp.maximum(jnp.maximum(jnp.abs(g_lse), jnp.abs(g_st)), jnp.abs(g_mean))
+  # 1/row_scale, 0 for rows without cotangent; NaN stays NaN so that it reaches the gradients.
+  inv_r = jnp.where(row_scale == 0, 0.0, 1.0 / jnp.where(row_scale == 0, 1.0, row_scale))
+  n, d = e_ND.shape
+  v = c_VD.shape[0]
+  cfg = spec.config
+  has_bias = bias_V is not None
+  accumulators = [jnp.zeros((n, d), acc), jnp.zeros((v, d), acc)]
+  if has_bias:
+    accumulators.append(jnp.zeros((v,), acc))
+  args = ([e_ND, c_VD] + ([bias_V] if has_bias else [])
+          + [targets_N.astype(jnp.int32), lse, mean, g_lse, g_st, g_sum, g_mean, inv_r] + accumulators)
+  first_acc = len(args) - len(accumulators)
+  grads = pl.pallas_call(
+      functools.partial(_bwd_kernel, spec=spec, n=n, v=v, d=d, has_bias=has_bias),
+      grid=(pl.cdiv(n, cfg.block_n), pl.cdiv(v, cfg.block_v)),
+      in_specs=[pl.no_block_spec] * len(args),
+      out_specs=[pl.no_block_spec] * len(accumulators),
+      out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in accumulators],
+      input_output_aliases={first_acc + k: k for k in range(len(accumulators))},
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      interpret=spec.interpret,
+      name="cce_bwd",
+  )(*args)
+  de, dc = grads[0].astype(e_ND.dtype), grads[1].astype(c_VD.dtype)
+  db = grads[2].astype(bias_V.dtype) if has_bias else None
+  return de, dc, db, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _stats(spec, e_ND, c_VD, bias_V, targets_N):
+  return _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N)[0]
+
+
+_stats.defvjp(_stats_fwd, _stats_bwd)

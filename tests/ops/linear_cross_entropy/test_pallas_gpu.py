@@ -1,0 +1,53 @@
+"""The op's test base on the Pallas GPU kernels: in the interpreter on CPU (CI), compiled on an NVIDIA GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cce_jax
+from cce_jax import PallasGpuConfig
+from tests.ops.linear_cross_entropy import helpers
+from tests.ops.linear_cross_entropy.test_base import LinearCrossEntropyTestBase
+
+
+def _has_gpu():
+  try:
+    return jax.default_backend() == "gpu"
+  except RuntimeError:
+    return False
+
+
+class TestPallasGpuInterpret(LinearCrossEntropyTestBase):
+  """Small power-of-2 tiles that divide none of the odd test shapes, and several vocabulary splits."""
+
+  implementation = "pallas_gpu"
+  extra = {"config": PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=3), "interpret": True}
+
+
+@pytest.mark.parametrize("block_n,block_v,block_d,splits", [(1, 1, 1, 1), (4, 8, 8, 5), (64, 512, 64, None)])
+def test_interpret_any_tile_shape(block_n, block_v, block_d, splits):
+  e, c, targets, bias = helpers.make_inputs(31, (13,), 20, 300, bias=True)
+  kw = dict(bias=bias, softcap=3.0, label_smoothing=0.1, reduction="none")
+  ref = cce_jax.linear_cross_entropy(e, c, targets, implementation="reference", **kw)
+  cfg = PallasGpuConfig(block_n, block_v, block_d, num_splits=splits)
+  out = cce_jax.linear_cross_entropy(e, c, targets, implementation="pallas_gpu", config=cfg, interpret=True,
+                                     **kw)
+  np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, 3, 48, 2.0])
+def test_config_rejects_non_powers_of_two(bad):
+  with pytest.raises(ValueError, match="power of 2"):
+    PallasGpuConfig(block_n=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+class TestPallasGpuCompiled(LinearCrossEntropyTestBase):
+  """The same sweep, compiled by Triton (default tiles; 'auto' picks pallas_gpu on a GPU)."""
+
+  implementation = "pallas_gpu"
+  extra = {}

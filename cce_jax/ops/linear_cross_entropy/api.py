@@ -199,8 +199,11 @@ def _backend(name, requested, config, interpret, e_shape, c_shape):
   (n, d), v = e_shape, c_shape[0]
   if n == 0:
     return reference, {}
-  if (name == "pallas_gpu" and requested in (None, "auto") and not interpret
-      and min(n, v, d) < _PALLAS_GPU_MIN_DIM):
+  if name == "pallas_gpu" and not interpret and min(n, v, d) < _PALLAS_GPU_MIN_DIM:
+    if requested not in (None, "auto"):
+      raise ValueError(
+          f"implementation='pallas_gpu' needs N, V and D >= {_PALLAS_GPU_MIN_DIM} (Triton's dot); got N={n}, "
+          f"V={v}, D={d}. implementation='auto' runs such shapes with 'xla_chunked'")
     name, config = "xla_chunked", None
   if name == "xla_chunked":
     return xla_chunked, {"config": (config or XlaChunkedConfig.for_shape(n, v, d)).clamped(n, v)}

@@ -47,7 +47,16 @@ def test_config_rejects_non_powers_of_two(bad):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
 class TestPallasGpuCompiled(LinearCrossEntropyTestBase):
-  """The same sweep, compiled by Triton (default tiles; 'auto' picks pallas_gpu on a GPU)."""
+  """The same sweep through 'auto' on a GPU: compiled Triton kernels, default tiles (XLA below N, V, D = 16)."""
 
-  implementation = "pallas_gpu"
+  implementation = "auto"
   extra = {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+class TestPallasGpuCompiledSmallTiles(LinearCrossEntropyTestBase):
+  """Compiled with the smallest tiles Triton's dot takes, so that edge blocks and splits are exercised."""
+
+  implementation = "auto"
+  extra = {"config": PallasGpuConfig(block_n=16, block_v=32, block_d=16, num_splits=3)}

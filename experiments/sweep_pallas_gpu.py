@@ -1,0 +1,69 @@
+r"""Times the pallas_gpu kernels over a set of tile configs at one benchmark shape (for choosing defaults).
+
+  python experiments/sweep_pallas_gpu.py --shape=gemma2_2b --regime=peaked \
+      --configs=64x128x64w4s3,128x128x64w8s3,128x256x64w8s3
+
+A config is `{block_n}x{block_v}x{block_d}w{num_warps}s{num_stages}` (optionally `p{num_splits}`). Prints one
+row per config: forward and loss + gradient medians, and the errors against the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import re
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+import cce_jax
+from experiments import bench_loss
+
+_SHAPE = flags.DEFINE_string("shape", "gemma2_2b", "Shape name from bench_loss.SHAPES.")
+_REGIME = flags.DEFINE_string("regime", "peaked", "Input regime.")
+_CONFIGS = flags.DEFINE_list("configs", ["64x128x64w4s3", "128x128x64w8s3"], "Tile configs to time.")
+_FILTER = flags.DEFINE_list("filter_eps", ["auto"], "filter_eps values to try ('auto', 'none' or floats).")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement.")
+
+
+def parse_config(text):
+  m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:p(\d+))?", text)
+  if not m:
+    raise ValueError(f"bad config {text!r}")
+  bn, bv, bd, w, s, p = m.groups()
+  return cce_jax.PallasGpuConfig(int(bn), int(bv), int(bd), int(w), int(s), int(p) if p else None)
+
+
+def main(argv):
+  del argv
+  n, d, v, softcap = bench_loss.SHAPES[_SHAPE.value]
+  e, c, t = bench_loss.make_inputs(n, d, v, jnp.bfloat16, _REGIME.value)
+  ref_loss, (ref_de, ref_dc) = jax.jit(jax.value_and_grad(
+      bench_loss.loss_fn("reference", softcap), argnums=(0, 1)))(e.astype(jnp.float32), c.astype(jnp.float32), t)
+  print(f"{jax.devices()[0].device_kind} jax {jax.__version__} {_SHAPE.value} {_REGIME.value}", flush=True)
+  lines = ["| config | filter_eps | fwd ms | fwd+bwd ms | err loss | err dE | err dC |", "|---|---|---|---|---|---|---|"]
+  for text in _CONFIGS.value:
+    for feps in _FILTER.value:
+      feps_value = {"auto": "auto", "none": None}.get(feps) if feps in ("auto", "none") else float(feps)
+      cfg = parse_config(text)
+      f = lambda e, c: cce_jax.linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu",
+                                                    config=cfg, filter_eps=feps_value)
+      try:
+        fwd = jax.jit(f)
+        both = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+        fwd_ms = bench_loss.median_ms(fwd, (e, c), _REPEATS.value)
+        both_ms = bench_loss.median_ms(both, (e, c), _REPEATS.value)
+        loss, (de, dc) = both(e, c)
+        errs = [bench_loss.rel_err(x, r) for x, r in ((loss, ref_loss), (de, ref_de), (dc, ref_dc))]
+        line = (f"| {text} | {feps} | {fwd_ms:.2f} | {both_ms:.2f} | " + " | ".join(f"{x:.2e}" for x in errs)
+                + " |")
+      except Exception as err:  # pylint: disable=broad-except
+        line = f"| {text} | {feps} | error: {type(err).__name__}: {str(err)[:200]} |"
+      print(line, flush=True)
+      lines.append(line)
+  print()
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import cce_jax
-from experiments import bench_loss
+from cce_jax.ops.linear_cross_entropy import benchmark as bench_loss
 
 _SHAPE = flags.DEFINE_string("shape", "gemma2_2b", "Shape name from bench_loss.SHAPES.")
 _REGIME = flags.DEFINE_string("regime", "peaked", "Input regime.")

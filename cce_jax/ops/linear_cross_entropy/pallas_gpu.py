@@ -92,8 +92,18 @@ def _transform(z, stats_spec):
   return xla_chunked._transform(z, stats_spec)  # pylint: disable=protected-access
 
 
+_PRECISION_NAMES = {
+    "highest": lax.Precision.HIGHEST, "float32": lax.Precision.HIGHEST,
+    "high": lax.Precision.HIGH, "tensorfloat32": lax.Precision.HIGH, "bfloat16_3x": lax.Precision.HIGH,
+    "default": lax.Precision.DEFAULT, "bfloat16": lax.Precision.DEFAULT, "fastest": lax.Precision.DEFAULT,
+}
+
+
 def _precision(stats_spec):
-  return lax.Precision.HIGHEST if stats_spec.exact else None
+  """HIGHEST for exact mode; else the user's `jax_default_matmul_precision` (TF32 for f32 inputs if unset)."""
+  if stats_spec.exact:
+    return lax.Precision.HIGHEST
+  return _PRECISION_NAMES.get(jax.config.jax_default_matmul_precision)
 
 
 def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):

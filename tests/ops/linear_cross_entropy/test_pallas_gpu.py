@@ -44,8 +44,16 @@ def test_config_rejects_non_powers_of_two(bad):
     PallasGpuConfig(block_n=bad)
 
 
+@pytest.fixture
+def highest_precision():
+  """fp32 comparisons need IEEE fp32 dots: the GPU's default for f32 matmuls is TF32."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.usefixtures("highest_precision")
 class TestPallasGpuCompiled(LinearCrossEntropyTestBase):
   """The same sweep through 'auto' on a GPU: compiled Triton kernels, default tiles (XLA below N, V, D = 16)."""
 
@@ -55,6 +63,7 @@ class TestPallasGpuCompiled(LinearCrossEntropyTestBase):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.usefixtures("highest_precision")
 class TestPallasGpuCompiledSmallTiles(LinearCrossEntropyTestBase):
   """Compiled with the smallest tiles Triton's dot takes, so that edge blocks and splits are exercised."""
 

@@ -3,8 +3,7 @@ r"""Times the pallas_gpu kernels over a set of tile configs at one benchmark sha
   python experiments/sweep_pallas_gpu.py --shape=gemma2_2b --regime=peaked \
       --configs=64x128x64w4s3,128x128x64w8s3,128x256x64w8s3
 
-A config is `{block_n}x{block_v}x{block_d}w{num_warps}s{num_stages}`, optionally followed by `p{num_splits}`,
-`a` (per-element atomics instead of locks) and `h` (accumulate in the gradients' dtype, not fp32). Prints one
+A config is `{block_n}x{block_v}x{block_d}w{num_warps}s{num_stages}`, optionally followed by `p{num_splits}`. Prints one
 row per config: forward and loss + gradient medians, and the errors against the fp32 reference.
 """
 
@@ -28,12 +27,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement.")
 
 
 def parse_config(text):
-  m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:p(\d+))?(a)?(h)?", text)
+  m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:p(\d+))?", text)
   if not m:
     raise ValueError(f"bad config {text!r}")
-  bn, bv, bd, w, s, p, atomic, half = m.groups()
-  return cce_jax.PallasGpuConfig(int(bn), int(bv), int(bd), int(w), int(s), int(p) if p else None,
-                                 accumulate="atomic" if atomic else "lock", fp32_accumulators=not half)
+  bn, bv, bd, w, s, p = m.groups()
+  return cce_jax.PallasGpuConfig(int(bn), int(bv), int(bd), int(w), int(s), int(p) if p else None)
 
 
 def main(argv):

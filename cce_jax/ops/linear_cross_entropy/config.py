@@ -60,10 +60,6 @@ class PallasGpuConfig:
     num_warps: warps per program.
     num_stages: software-pipelining depth of the D loop.
     num_splits: vocabulary splits of the forward grid; None picks enough to fill the GPU.
-    accumulate: how the backward adds a tile's gradient blocks into dE and dC: "lock" (a spin lock per
-      output block, plain loads and stores inside) or "atomic" (per-element fp32 atomics).
-    fp32_accumulators: with "lock", accumulate dE and dC in fp32 buffers (accurate; N·D + V·D fp32 of extra
-      memory) rather than directly in the gradients' own dtype (no extra memory; each addition rounds).
   """
 
   block_n: int = 128
@@ -72,8 +68,6 @@ class PallasGpuConfig:
   num_warps: int = 8
   num_stages: int = 3
   num_splits: int | None = None
-  accumulate: str = "lock"
-  fp32_accumulators: bool = True
 
   def __post_init__(self):
     for name in ("block_n", "block_v", "block_d"):
@@ -84,8 +78,6 @@ class PallasGpuConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"PallasGpuConfig.{name} must be a positive int, got {value!r}")
-    if self.accumulate not in ("lock", "atomic"):
-      raise ValueError(f"PallasGpuConfig.accumulate must be 'lock' or 'atomic', got {self.accumulate!r}")
     if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):
       raise ValueError(f"PallasGpuConfig.num_splits must be a positive int or None, got {self.num_splits!r}")
 

@@ -10,8 +10,7 @@ Splitting the vocabulary keeps the GPU full when N / block_n is small.
 
 Backward (`cce_bwd`): grid (token tiles, vocabulary tiles). A program recomputes its logit tile, forms dZ and, if
 the tile survives gradient filtering, adds dZ @ c into dE and dZ.T @ e into dC with fp32 atomics, D chunk by
-D chunk, each block added under a lock (one per output block; plain vectorised loads and stores inside), or
-with per-element atomics (`PallasGpuConfig.accumulate`). With `exact=True` the backward is the deterministic blockwise XLA one (no atomics).
+D chunk. With `exact=True` the backward is the deterministic blockwise XLA one (no atomics).
 
 Triton needs power-of-2 block shapes; the dimensions need not be multiples of them: a block that would run past
 the end of an array is moved back to end at the edge and its already-covered rows/columns are masked, so no
@@ -193,10 +192,9 @@ def _bwd_kernel(*refs, spec, n, v, d, has_bias):
   b_ref = refs.pop(0) if has_bias else None
   t_ref, lse_ref, mean_ref, g_lse_ref, g_st_ref, g_sum_ref, g_mean_ref, inv_r_ref = refs[:8]
   refs = refs[8:]
-  n_in = len(refs) // 2  # accumulators (and locks) come in aliased to the outputs
-  outs = refs[n_in:]
-  de_ref, dc_ref, de_lock_ref, dc_lock_ref = outs[:4]
-  db_ref = outs[4] if has_bias else None
+  n_in = len(refs) // 2  # the zero-initialised accumulators come in aliased to the outputs
+  de_ref, dc_ref = refs[n_in], refs[n_in + 1]
+  db_ref = refs[n_in + 2] if has_bias else None
 
   i, j = pl.program_id(0), pl.program_id(1)
   n_first, v_first = i * bn, j * bv
@@ -223,45 +221,25 @@ def _bwd_kernel(*refs, spec, n, v, d, has_bias):
   compute = jnp.result_type(e_ref.dtype, c_ref.dtype)
   dz_mm = dz.astype(compute)
 
-  def add_block(out_ref, lock_ref, lock_index, index, value, fresh):
-    """out_ref[index] += value where `fresh`, under a lock (or with atomics): one lock per output block."""
-    if cfg.accumulate == "atomic":
-      plgpu.atomic_add(out_ref, index, jnp.where(fresh, value, 0.0).astype(out_ref.dtype))
-      return
-    # Test-and-set with atomic max (old value 0: acquired); released with atomic min. These two have an
-    # interpreter rule, so the same code runs in interpret mode.
-    take = lambda *_: plgpu.atomic_max(lock_ref, lock_index, jnp.ones((), jnp.int32))
-    held = take()
-    if not spec.interpret:  # the interpreter runs one program at a time: the lock is always free there
-      held = lax.while_loop(lambda h: h == 1, take, held)
-    # The masks depend on the lock's value (0 once acquired), so that no compiler pass (e.g. software
-    # pipelining of the D loop) can move the read of the block above the acquisition. The store is masked
-    # also because a moved-back edge block must not rewrite rows/columns that another lock protects.
-    mask = fresh & (held == 0)
-    current = plgpu.load(out_ref.at[index], mask=mask, other=0.0)
-    total = current.astype(value.dtype) + value
-    plgpu.store(out_ref.at[index], total.astype(out_ref.dtype), mask=mask)
-    plgpu.atomic_min(lock_ref, lock_index, jnp.zeros((), jnp.int32))
-
   def accumulate():
     def body(k, carry):
-      k = k.astype(jnp.int32)  # keep index arithmetic int32 under jax_enable_x64
       d_first = k * bd
       d_start = jnp.minimum(d_first, d - bd)
       dcols = pl.ds(d_start, bd)
-      d_fresh = (d_start + jnp.arange(bd) >= d_first)[None, :]
       c_blk = c_ref[pl.ds(v_start, bv), dcols].astype(compute)
       e_blk = e_ref[rows_blk, dcols].astype(compute)
       de = lax.dot_general(dz_mm, c_blk, (((1,), (0,)), ((), ())), preferred_element_type=z.dtype,
                            precision=_precision(st_spec))
       dc = lax.dot_general(dz_mm, e_blk, (((0,), (0,)), ((), ())), preferred_element_type=z.dtype,
                            precision=_precision(st_spec))
-      add_block(de_ref, de_lock_ref, (i, k), (rows_blk, dcols), de, (rows >= n_first)[:, None] & d_fresh)
-      add_block(dc_ref, dc_lock_ref, (j, k), (pl.ds(v_start, bv), dcols), dc,
-                (cols >= v_first)[:, None] & d_fresh)
+      if d % bd:
+        fresh = (d_start + jnp.arange(bd) >= d_first)[None, :]
+        de, dc = jnp.where(fresh, de, 0.0), jnp.where(fresh, dc, 0.0)
+      plgpu.atomic_add(de_ref, (rows_blk, dcols), de)
+      plgpu.atomic_add(dc_ref, (pl.ds(v_start, bv), dcols), dc)
       return carry
 
-    lax.fori_loop(0, pl.cdiv(d, bd), body, 0)
+    lax.fori_loop(jnp.int32(0), jnp.int32(pl.cdiv(d, bd)), body, 0)
     if db_ref is not None:
       plgpu.atomic_add(db_ref, (pl.ds(v_start, bv),), jnp.sum(dz, axis=0))
 
@@ -295,10 +273,7 @@ def _stats_bwd(spec, residuals, cotangents):
   v = c_VD.shape[0]
   cfg = spec.config
   has_bias = bias_V is not None
-  n_tiles, v_tiles, d_chunks = pl.cdiv(n, cfg.block_n), pl.cdiv(v, cfg.block_v), pl.cdiv(d, cfg.block_d)
-  grad_acc = lambda x: acc if cfg.fp32_accumulators or cfg.accumulate == "atomic" else x.dtype
-  accumulators = [jnp.zeros((n, d), grad_acc(e_ND)), jnp.zeros((v, d), grad_acc(c_VD)),
-                  jnp.zeros((n_tiles, d_chunks), jnp.int32), jnp.zeros((v_tiles, d_chunks), jnp.int32)]
+  accumulators = [jnp.zeros((n, d), acc), jnp.zeros((v, d), acc)]
   if has_bias:
     accumulators.append(jnp.zeros((v,), acc))
   args = ([e_ND, c_VD] + ([bias_V] if has_bias else [])
@@ -306,7 +281,7 @@ def _stats_bwd(spec, residuals, cotangents):
   first_acc = len(args) - len(accumulators)
   grads = pl.pallas_call(
       functools.partial(_bwd_kernel, spec=spec, n=n, v=v, d=d, has_bias=has_bias),
-      grid=(n_tiles, v_tiles),
+      grid=(pl.cdiv(n, cfg.block_n), pl.cdiv(v, cfg.block_v)),
       in_specs=[pl.no_block_spec] * len(args),
       out_specs=[pl.no_block_spec] * len(accumulators),
       out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in accumulators],
@@ -316,7 +291,7 @@ def _stats_bwd(spec, residuals, cotangents):
       name="cce_bwd",
   )(*args)
   de, dc = grads[0].astype(e_ND.dtype), grads[1].astype(c_VD.dtype)
-  db = grads[4].astype(bias_V.dtype) if has_bias else None
+  db = grads[2].astype(bias_V.dtype) if has_bias else None
   return de, dc, db, None
 
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cce_jax.ops.linear_cross_entropy.benchmark import SHAPES
 from cce_jax.ops.linear_cross_entropy.benchmark import loss_fn
@@ -86,6 +84,8 @@ def table(rows):
 
 
 def _commit():
+  if os.environ.get("CCE_COMMIT"):  # for copies of the tree without .git
+    return os.environ["CCE_COMMIT"]
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()

@@ -10,7 +10,6 @@ and the temporary memory XLA reserves for the compiled loss + gradient program. 
 from __future__ import annotations
 
 import json
-import time
 
 from absl import app
 from absl import flags
@@ -20,6 +19,7 @@ import numpy as np
 import optax
 
 import cce_jax
+from cce_jax.ops.linear_cross_entropy.benchmark import median_ms
 
 _N = flags.DEFINE_integer("tokens", 2048, "Tokens (batch × sequence).")
 _D = flags.DEFINE_integer("hidden", 256, "Hidden size.")
@@ -44,16 +44,6 @@ def fused_loss(implementation):
       e, c, targets, softcap=softcap, implementation=implementation)
 
 
-def _median_ms(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
-
-
 def measure(name, loss_fn, e, c, targets, softcap, repeats):
   forward = jax.jit(lambda e, c: loss_fn(e, c, targets, softcap))
   both = jax.jit(jax.value_and_grad(lambda e, c: loss_fn(e, c, targets, softcap), argnums=(0, 1)))
@@ -62,7 +52,7 @@ def measure(name, loss_fn, e, c, targets, softcap, repeats):
   norm = lambda x: float(jnp.linalg.norm(x.astype(jnp.float32)))
   return dict(
       method=name, loss=float(loss), grad_e_norm=norm(de), grad_c_norm=norm(dc),
-      forward_ms=_median_ms(forward, (e, c), repeats), loss_and_grad_ms=_median_ms(both, (e, c), repeats),
+      forward_ms=median_ms(forward, (e, c), repeats), loss_and_grad_ms=median_ms(both, (e, c), repeats),
       temp_mib=memory.temp_size_in_bytes / 2**20)
 
 

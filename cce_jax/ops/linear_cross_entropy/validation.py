@@ -45,7 +45,7 @@ def check_arrays(e, c, targets, bias=None, weights=None):
   if targets.dtype == jnp.bool_ or not jnp.issubdtype(targets.dtype, jnp.integer):
     raise TypeError(f"targets must be an integer array, got dtype {targets.dtype}")
   if e.ndim < 1:
-    raise ValueError(f"e must have shape [..., D], got a scalar")
+    raise ValueError("e must have shape [..., D], got a scalar")
   if c.ndim != 2:
     raise ValueError(f"c must have shape [V, D], got shape {c.shape}")
   if c.shape[1] != e.shape[-1]:

@@ -221,9 +221,10 @@ class LinearCrossEntropyTestBase:
     for g in everything.values():
       np.testing.assert_array_equal(g, 0.0)
     for k in unfiltered:
-      # Not bitwise: outside exact mode a backend may accumulate with atomics, in any order.
-      np.testing.assert_allclose(tiny[k], unfiltered[k], rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(
-          unfiltered[k].astype(jnp.float32)))))
+      # Not bitwise: outside exact mode a backend may accumulate with atomics in any order, and a compiler
+      # may round the 16-bit d(logits) differently inside the filter's branch. A skipped tile would be far
+      # above this bound.
+      assert helpers.rel_err(tiny[k], unfiltered[k]) < 1e-3, k
       assert helpers.rel_err(auto[k], exact[k]) < 1e-2, k
 
   def test_exact_is_deterministic(self):

@@ -88,10 +88,6 @@ def _acc_dtype(*dtypes):
   return jnp.promote_types(jnp.float32, jnp.result_type(*dtypes))
 
 
-def _transform(z, stats_spec):
-  return xla_chunked._transform(z, stats_spec)  # pylint: disable=protected-access
-
-
 _PRECISION_NAMES = {
     "highest": lax.Precision.HIGHEST, "float32": lax.Precision.HIGHEST,
     "high": lax.Precision.HIGH, "tensorfloat32": lax.Precision.HIGH, "bfloat16_3x": lax.Precision.HIGH,
@@ -130,7 +126,7 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
     z = _logit_tile(e_ref, c_ref, n_start, v_start, bn=bn, bv=bv, bd=bd, d=d, precision=_precision(st_spec))
     if b_ref is not None:
       z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
-    s, _ = _transform(z, st_spec)
+    s, _ = xla_chunked.transform(z, st_spec)
     s_ok = jnp.where(col_ok, s, 0.0)
     m_new = jnp.maximum(m, jnp.max(jnp.where(col_ok, s, -jnp.inf), axis=1))
     rescale = jnp.exp(m - m_new)
@@ -206,7 +202,7 @@ def _bwd_kernel(*refs, spec, n, v, d, has_bias):
   z = _logit_tile(e_ref, c_ref, n_start, v_start, bn=bn, bv=bv, bd=bd, d=d, precision=_precision(st_spec))
   if b_ref is not None:
     z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
-  s, dsdz = _transform(z, st_spec)
+  s, dsdz = xla_chunked.transform(z, st_spec)
   p = jnp.exp(s - row_vec(lse_ref))
   coef = row_vec(g_lse_ref)
   if st_spec.with_mean:
@@ -258,17 +254,10 @@ def _stats_bwd(spec, residuals, cotangents):
     e_ND, c_VD = residuals[0], residuals[1]
     n, v = e_ND.shape[0], c_VD.shape[0]
     xla_spec = dataclasses.replace(st_spec, config=spec.config.exact_backward_tiles(n, v))
-    return xla_chunked._stats_bwd(xla_spec, residuals, cotangents)  # pylint: disable=protected-access
+    return xla_chunked.stats_backward(xla_spec, residuals, cotangents)
   e_ND, c_VD, bias_V, targets_N, lse, mean = residuals
   acc = lse.dtype
-  g_lse, g_st, g_sum, g_mean = (g.astype(acc) for g in cotangents)
-  if not st_spec.with_sum:
-    g_sum = jnp.zeros_like(g_sum)
-  if not st_spec.with_mean:
-    g_mean = jnp.zeros_like(g_mean)
-  row_scale = jnp.maximum(jnp.maximum(jnp.abs(g_lse), jnp.abs(g_st)), jnp.abs(g_mean))
-  # 1/row_scale, 0 for rows without cotangent; NaN stays NaN so that it reaches the gradients.
-  inv_r = jnp.where(row_scale == 0, 0.0, 1.0 / jnp.where(row_scale == 0, 1.0, row_scale))
+  (g_lse, g_st, g_sum, g_mean), inv_r = xla_chunked.backward_cotangents(st_spec, residuals, cotangents)
   n, d = e_ND.shape
   v = c_VD.shape[0]
   cfg = spec.config

@@ -88,7 +88,7 @@ def _precision(spec):
   return lax.Precision.HIGHEST if spec.exact else None
 
 
-def _transform(z, spec):
+def transform(z, spec):
   """s = f(z) and ds/dz for the softcap-then-temperature transform (elementwise, in z's dtype)."""
   if spec.softcap is None:
     return z * spec.inv_temperature, spec.inv_temperature
@@ -144,7 +144,7 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
       e_blk = lax.dynamic_slice(e_ND, (n_start, 0), (bn, d))
       t_blk = lax.dynamic_slice(targets_N, (n_start,), (bn,))
       old = {k: lax.dynamic_slice(x, (n_start,), (bn,)) for k, x in state.items()}
-      s, _ = _transform(_logit_tile(e_blk, c_blk, b_blk, spec, acc), spec)
+      s, _ = transform(_logit_tile(e_blk, c_blk, b_blk, spec, acc), spec)
       s_masked = jnp.where(col_new[None, :], s, -jnp.inf)
       m_new = jnp.maximum(old["m"], jnp.max(s_masked, axis=1))
       rescale = jnp.exp(old["m"] - m_new)
@@ -174,24 +174,34 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
   return out, (e_ND, c_VD, bias_V, targets_N, lse, mean)
 
 
-def _stats_bwd(spec, residuals, cotangents):
-  e_ND, c_VD, bias_V, targets_N, lse, mean = residuals
+def backward_cotangents(spec, residuals, cotangents):
+  """The four per-token cotangents in the accumulation dtype (zeros for statistics the spec did not compute),
+  and 1 / max(|g_lse|, |g_target|, |g_mean|) per token: 0 for tokens without cotangent, NaN kept as NaN so that
+  a NaN loss reaches the gradients. Shared by every backend's backward."""
+  lse = residuals[4]
   g_lse, g_st, g_sum, g_mean = (g.astype(lse.dtype) for g in cotangents)
   if not spec.with_sum:
     g_sum = jnp.zeros_like(g_sum)
   if not spec.with_mean:
     g_mean = jnp.zeros_like(g_mean)
+  row_scale = jnp.maximum(jnp.maximum(jnp.abs(g_lse), jnp.abs(g_st)), jnp.abs(g_mean))
+  inv_row_scale = jnp.where(row_scale == 0, 0.0, 1.0 / jnp.where(row_scale == 0, 1.0, row_scale))
+  return (g_lse, g_st, g_sum, g_mean), inv_row_scale
+
+
+def stats_backward(spec, residuals, cotangents):
+  """The backward of `logit_stats`: (dE, dC, dbias, None) from its residuals and output cotangents."""
+  e_ND, c_VD, bias_V, targets_N, lse, mean = residuals
+  (g_lse, g_st, g_sum, g_mean), inv_row_scale = backward_cotangents(spec, residuals, cotangents)
   n, d = e_ND.shape
   v = c_VD.shape[0]
   bn, bv = spec.config.block_n, spec.config.block_v
   acc = lse.dtype
   # dZ goes into the gradient GEMMs in the inputs' dtype (as the logits GEMM takes e and c), fp32 accumulation.
   mm = jnp.result_type(e_ND.dtype, c_VD.dtype)
-  row_scale = jnp.maximum(jnp.maximum(jnp.abs(g_lse), jnp.abs(g_st)), jnp.abs(g_mean))
-  inv_row_scale = jnp.where(row_scale > 0, 1.0 / jnp.where(row_scale > 0, row_scale, 1.0), 0.0)
   # Rows with no cotangent contribute nothing; masking them also keeps NaNs of ignored rows out of dC. A NaN
   # cotangent (a token with an out-of-range target) stays live, so the NaN reaches the gradients.
-  row_live = (row_scale != 0) | (g_sum != 0)
+  row_live = (inv_row_scale != 0) | (g_sum != 0)
 
   def tile_grads(e_blk, c_blk, dz):
     dz_mm = dz.astype(mm)
@@ -215,7 +225,7 @@ def _stats_bwd(spec, residuals, cotangents):
       rows = lambda x: lax.dynamic_slice(x, (n_start,), (bn,))
       row_ok = ((n_start + jnp.arange(bn)) >= n_first) & rows(row_live)
       e_blk = lax.dynamic_slice(e_ND, (n_start, 0), (bn, d))
-      s, dsdz = _transform(_logit_tile(e_blk, c_blk, b_blk, spec, acc), spec)
+      s, dsdz = transform(_logit_tile(e_blk, c_blk, b_blk, spec, acc), spec)
       p = jnp.exp(s - rows(lse)[:, None])
       coef_p = rows(g_lse)[:, None]
       if spec.with_mean:
@@ -258,4 +268,4 @@ def _stats_bwd(spec, residuals, cotangents):
   return de_acc.astype(e_ND.dtype), dc, db, None
 
 
-_stats.defvjp(_stats_fwd, _stats_bwd)
+_stats.defvjp(_stats_fwd, stats_backward)

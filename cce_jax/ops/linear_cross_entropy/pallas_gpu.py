@@ -67,7 +67,7 @@ def _spec(softcap, inv_temperature, with_sum, with_mean, config, exact, filter_e
 def _logit_tile(e_ref, c_ref, n_start, v_start, *, bn, bv, bd, d, precision):
   """z = e[n_start:+bn] @ c[v_start:+bv].T as a [bn, bv] fp32 tile, walking D in chunks of bd."""
   compute = jnp.result_type(e_ref.dtype, c_ref.dtype)
-  acc = _acc_dtype(compute)
+  acc = xla_chunked.acc_dtype(compute)
 
   def body(k, z):
     d_first = k * bd
@@ -81,11 +81,6 @@ def _logit_tile(e_ref, c_ref, n_start, v_start, *, bn, bv, bd, d, precision):
 
   # int32 bounds keep the loop index int32 (index arithmetic must not mix widths under jax_enable_x64).
   return lax.fori_loop(jnp.int32(0), jnp.int32(pl.cdiv(d, bd)), body, jnp.zeros((bn, bv), acc))
-
-
-def _acc_dtype(*dtypes):
-  """fp32, or f64 for f64 inputs (so that the interpreter can be checked against finite differences)."""
-  return jnp.promote_types(jnp.float32, jnp.result_type(*dtypes))
 
 
 _PRECISION_NAMES = {
@@ -157,7 +152,7 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
   splits = cfg.num_splits_for(n, v)
   v_per_split = pl.cdiv(pl.cdiv(v, splits), cfg.block_v) * cfg.block_v
   splits = pl.cdiv(v, v_per_split)
-  part = jax.ShapeDtypeStruct((splits, n), _acc_dtype(e_ND.dtype, c_VD.dtype))
+  part = jax.ShapeDtypeStruct((splits, n), xla_chunked.acc_dtype(e_ND.dtype, c_VD.dtype))
   args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + [targets_N.astype(jnp.int32)]
   m, l, st, ssum, w = pl.pallas_call(
       functools.partial(_fwd_kernel, spec=spec, n=n, v=v, d=d, v_per_split=v_per_split,
@@ -203,13 +198,8 @@ def _bwd_kernel(*refs, spec, n, v, d, has_bias):
   if b_ref is not None:
     z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
   s, dsdz = xla_chunked.transform(z, st_spec)
-  p = jnp.exp(s - row_vec(lse_ref))
-  coef = row_vec(g_lse_ref)
-  if st_spec.with_mean:
-    coef = coef + row_vec(g_mean_ref) * (1.0 + s - row_vec(mean_ref))
-  ds = coef * p + jnp.where(cols[None, :] == t_ref[rows_blk][:, None], row_vec(g_st_ref), 0.0)
-  if st_spec.with_sum:
-    ds = ds + row_vec(g_sum_ref)
+  ds = xla_chunked.tile_dlogits(s, cols, row_vec(t_ref), row_vec(lse_ref), row_vec(mean_ref), row_vec(g_lse_ref),
+                                row_vec(g_st_ref), row_vec(g_sum_ref), row_vec(g_mean_ref), st_spec)
   live = ((rows >= n_first)[:, None] & (cols >= v_first)[None, :])
   live = live & ((row_vec(inv_r_ref) != 0) | (row_vec(g_sum_ref) != 0))
   ds = jnp.where(live, ds, 0.0)

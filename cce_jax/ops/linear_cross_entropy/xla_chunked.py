@@ -80,7 +80,8 @@ def logit_stats(e_ND, c_VD, bias_V, targets_N, spec: StatsSpec) -> LogitStats:
   return LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N))
 
 
-def _acc_dtype(*dtypes):
+def acc_dtype(*dtypes):
+  """fp32, or wider for wider inputs (f64 inputs accumulate in f64, for finite-difference checks)."""
   return jnp.promote_types(jnp.float32, jnp.result_type(*dtypes))
 
 
@@ -126,7 +127,7 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
   n, d = e_ND.shape
   v = c_VD.shape[0]
   bn, bv = spec.config.block_n, spec.config.block_v
-  acc = _acc_dtype(e_ND.dtype, c_VD.dtype)
+  acc = acc_dtype(e_ND.dtype, c_VD.dtype)
   zeros = jnp.zeros((n,), acc)
   # m: running max, l: running sum of exp(s - m), w: running sum of exp(s - m) * s.
   init = dict(m=jnp.full((n,), -jnp.inf, acc), l=zeros, st=zeros, ssum=zeros, w=zeros)
@@ -189,6 +190,21 @@ def backward_cotangents(spec, residuals, cotangents):
   return (g_lse, g_st, g_sum, g_mean), inv_row_scale
 
 
+def tile_dlogits(s, cols, targets, lse, mean, g_lse, g_st, g_sum, g_mean, spec):
+  """dS = (g_lse + g_mean (1 + s - mean)) softmax(s) + g_target onehot(t) + g_sum for one [bn, bv] logit tile.
+
+  s: [bn, bv] transformed logits; cols: [bv] their vocabulary indices; every other array is a [bn, 1] column.
+  Shared by the XLA and Pallas backwards (plain jnp, so it lowers inside a kernel too).
+  """
+  coef = g_lse
+  if spec.with_mean:
+    coef = coef + g_mean * (1.0 + s - mean)
+  ds = coef * jnp.exp(s - lse) + jnp.where(cols[None, :] == targets, g_st, 0.0)
+  if spec.with_sum:
+    ds = ds + g_sum
+  return ds
+
+
 def stats_backward(spec, residuals, cotangents):
   """The backward of `logit_stats`: (dE, dC, dbias, None) from its residuals and output cotangents."""
   e_ND, c_VD, bias_V, targets_N, lse, mean = residuals
@@ -226,14 +242,9 @@ def stats_backward(spec, residuals, cotangents):
       row_ok = ((n_start + jnp.arange(bn)) >= n_first) & rows(row_live)
       e_blk = lax.dynamic_slice(e_ND, (n_start, 0), (bn, d))
       s, dsdz = transform(_logit_tile(e_blk, c_blk, b_blk, spec, acc), spec)
-      p = jnp.exp(s - rows(lse)[:, None])
-      coef_p = rows(g_lse)[:, None]
-      if spec.with_mean:
-        coef_p = coef_p + rows(g_mean)[:, None] * (1.0 + s - rows(mean)[:, None])
-      onehot = cols[None, :] == rows(targets_N)[:, None]
-      ds = coef_p * p + jnp.where(onehot, rows(g_st)[:, None], 0.0)
-      if spec.with_sum:
-        ds = ds + rows(g_sum)[:, None]
+      col = lambda x: rows(x)[:, None]
+      ds = tile_dlogits(s, cols, col(targets_N), col(lse), col(mean), col(g_lse), col(g_st), col(g_sum),
+                        col(g_mean), spec)
       ds = jnp.where(row_ok[:, None] & col_new[None, :], ds, 0.0)
       dz = ds * dsdz
       if spec.filter_eps is None:

@@ -19,17 +19,22 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from cce_jax.ops.linear_cross_entropy import benchmark_torch
 from cce_jax.ops.linear_cross_entropy.benchmark import SHAPES
 from cce_jax.ops.linear_cross_entropy.benchmark import loss_fn
 from cce_jax.ops.linear_cross_entropy.benchmark import make_inputs
 from cce_jax.ops.linear_cross_entropy.benchmark import median_ms
 from cce_jax.ops.linear_cross_entropy.benchmark import rel_err
 
-METHODS = ("naive", "xla_chunked", "pallas_gpu", "pallas_gpu_exact")
+JAX_METHODS = ("naive", "xla_chunked", "pallas_gpu", "pallas_gpu_exact")
+METHODS = JAX_METHODS + benchmark_torch.ANCHORS
 
 _SHAPES = flags.DEFINE_list("shapes", ["gemma2_2b"], f"Shapes from {sorted(SHAPES)}.")
 _REGIMES = flags.DEFINE_list("regimes", ["random", "peaked"], "Input regimes: random, peaked.")
-_METHODS = flags.DEFINE_list("methods", list(METHODS), f"Methods from {METHODS}.")
+_METHODS = flags.DEFINE_list(
+    "methods", list(METHODS),
+    f"Methods from {METHODS}; the PyTorch anchors ({', '.join(benchmark_torch.ANCHORS)}) are skipped with a note "
+    "where torch, a CUDA GPU or their package is missing.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement.")
 _ACCURACY = flags.DEFINE_bool("accuracy", True, "Compare against the fp32 reference (needs N×V fp32 memory).")
@@ -48,6 +53,9 @@ def run_one(shape_name, regime, methods, dtype, repeats, accuracy):
     del ref_fn
   rows = []
   for method in methods:
+    if method in benchmark_torch.ANCHORS:
+      rows.append(_run_anchor(method, shape_name, regime, e, c, targets, softcap, repeats, ref, gemm_tflop))
+      continue
     f = loss_fn(method, softcap)
     fwd = jax.jit(f)
     both = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
@@ -68,6 +76,22 @@ def run_one(shape_name, regime, methods, dtype, repeats, accuracy):
     print(json.dumps(row), flush=True)
     rows.append(row)
   return rows
+
+
+def _run_anchor(method, shape_name, regime, e, c, targets, softcap, repeats, ref, gemm_tflop):
+  """One PyTorch anchor on the same tensors; its memory column is torch's extra peak, not XLA temporaries."""
+  n, d = e.shape
+  row = dict(shape=shape_name, regime=regime, method=method, n=n, d=d, v=c.shape[0], softcap=softcap)
+  try:
+    fwd_ms, fwd_bwd_ms, extra_mib, (loss, de, dc) = benchmark_torch.measure(method, e, c, targets, softcap, repeats)
+    row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, bwd_ms=fwd_bwd_ms - fwd_ms, temp_mib=extra_mib,
+               fwd_tflops=gemm_tflop / fwd_ms * 1e3, fwd_bwd_tflops=3 * gemm_tflop / fwd_bwd_ms * 1e3)
+    if ref is not None:
+      row.update(err_loss=rel_err(loss, ref[0]), err_de=rel_err(de, ref[1]), err_dc=rel_err(dc, ref[2]))
+  except Exception as err:  # pylint: disable=broad-except
+    row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+  print(json.dumps(row), flush=True)
+  return row
 
 
 def table(rows):
@@ -98,18 +122,25 @@ def main(argv):
   for m in _METHODS.value:
     if m not in METHODS:
       raise app.UsageError(f"unknown method {m!r}; choose from {METHODS}")
+  anchors = benchmark_torch.available()
+  methods = [m for m in _METHODS.value if m in JAX_METHODS or m in anchors]
+  for m in sorted(set(_METHODS.value) - set(methods)):
+    print(f"skipping {m}: torch with CUDA or its package is not importable here", flush=True)
   dtype = jnp.dtype(_DTYPE.value)
   device = jax.devices()[0].device_kind
   header = f"{device}, jax {jax.__version__}, commit {_commit()}, dtype {dtype.name}"
+  if anchors:
+    header += ", " + ", ".join(f"{k} {v}" for k, v in sorted(anchors.items()))
   print(header, flush=True)
   rows = []
   for shape_name in _SHAPES.value:
     for regime in _REGIMES.value:
-      rows += run_one(shape_name, regime, _METHODS.value, dtype, _REPEATS.value, _ACCURACY.value)
+      rows += run_one(shape_name, regime, methods, dtype, _REPEATS.value, _ACCURACY.value)
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-      json.dump(dict(device=device, jax=jax.__version__, commit=_commit(), dtype=dtype.name, rows=rows), f,
+      json.dump(dict(device=device, jax=jax.__version__, commit=_commit(), dtype=dtype.name, anchors=anchors,
+                     rows=rows), f,
                 indent=2)
   print()
   print(header)

@@ -10,7 +10,7 @@ Splitting the vocabulary keeps the GPU full when N / block_n is small.
 
 Backward (`cce_bwd`): grid (token tiles, vocabulary tiles). A program recomputes its logit tile, forms dZ and, if
 the tile survives gradient filtering, adds dZ @ c into dE and dZ.T @ e into dC with fp32 atomics, D chunk by
-D chunk. With `exact=True` the backward is the deterministic blockwise XLA one (no atomics).
+D chunk (relaxed-order atomics, `triton_atomics`). With `exact=True` the backward is the deterministic blockwise XLA one (no atomics).
 
 Triton needs power-of-2 block shapes; the dimensions need not be multiples of them: a block that would run past
 the end of an array is moved back to end at the edge and its already-covered rows/columns are masked, so no
@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cce_jax.ops.linear_cross_entropy import stats_losses
+from cce_jax.ops.linear_cross_entropy import triton_atomics
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
@@ -62,6 +63,10 @@ def _spec(softcap, inv_temperature, with_sum, with_mean, config, exact, filter_e
       softcap=softcap, inv_temperature=inv_temperature, with_sum=with_sum, with_mean=with_mean,
       config=XlaChunkedConfig(1, 1), exact=exact, filter_eps=filter_eps)
   return _Spec(stats=stats, config=config, interpret=interpret)
+
+
+# Gradient accumulation: relaxed-order fp32 atomic adds (acquire-release ones serialise each thread's adds).
+_atomic_add = triton_atomics.atomic_add
 
 
 def _logit_tile(e_ref, c_ref, n_start, v_start, *, bn, bv, bd, d, precision):
@@ -221,13 +226,13 @@ def _bwd_kernel(*refs, spec, n, v, d, has_bias):
       if d % bd:
         fresh = (d_start + jnp.arange(bd) >= d_first)[None, :]
         de, dc = jnp.where(fresh, de, 0.0), jnp.where(fresh, dc, 0.0)
-      plgpu.atomic_add(de_ref, (rows_blk, dcols), de)
-      plgpu.atomic_add(dc_ref, (pl.ds(v_start, bv), dcols), dc)
+      _atomic_add(de_ref, (rows_blk, dcols), de)
+      _atomic_add(dc_ref, (pl.ds(v_start, bv), dcols), dc)
       return carry
 
     lax.fori_loop(jnp.int32(0), jnp.int32(pl.cdiv(d, bd)), body, 0)
     if db_ref is not None:
-      plgpu.atomic_add(db_ref, (pl.ds(v_start, bv),), jnp.sum(dz, axis=0))
+      _atomic_add(db_ref, (pl.ds(v_start, bv),), jnp.sum(dz, axis=0))
 
   if st_spec.filter_eps is None:
     accumulate()

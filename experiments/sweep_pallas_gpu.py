@@ -3,7 +3,8 @@ r"""Times the pallas_gpu kernels over a set of tile configs at one benchmark sha
   python experiments/sweep_pallas_gpu.py --shape=gemma2_2b --regime=peaked \
       --configs=64x128x64w4s3,128x128x64w8s3,128x256x64w8s3
 
-A config is `{block_n}x{block_v}x{block_d}w{num_warps}s{num_stages}`, optionally followed by `p{num_splits}`. Prints one
+A config is `{block_n}x{block_v}x{block_d}w{num_warps}s{num_stages}`, optionally followed by `p{num_splits}`
+and `f` (flat forward loop). Prints one
 row per config: forward and loss + gradient medians, and the errors against the fp32 reference.
 """
 
@@ -32,11 +33,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement.")
 
 
 def parse_config(text):
-  m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:p(\d+))?", text)
+  m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:p(\d+))?(f?)", text)
   if not m:
     raise ValueError(f"bad config {text!r}")
-  bn, bv, bd, w, s, p = m.groups()
-  return cce_jax.PallasGpuConfig(int(bn), int(bv), int(bd), int(w), int(s), int(p) if p else None)
+  bn, bv, bd, w, s, p, flat = m.groups()
+  return cce_jax.PallasGpuConfig(int(bn), int(bv), int(bd), int(w), int(s), int(p) if p else None,
+                                 flat_loop=bool(flat))
 
 
 def main(argv):

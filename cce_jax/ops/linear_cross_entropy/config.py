@@ -60,6 +60,7 @@ class PallasGpuConfig:
     num_warps: warps per program.
     num_stages: software-pipelining depth of the D loop.
     num_splits: vocabulary splits of the forward grid; None picks enough to fill the GPU.
+    flat_loop: the forward walks (vocabulary tile, D chunk) pairs in one loop instead of two nested ones.
   """
 
   block_n: int = 128
@@ -68,6 +69,7 @@ class PallasGpuConfig:
   num_warps: int = 8
   num_stages: int = 3
   num_splits: int | None = None
+  flat_loop: bool = False
 
   def __post_init__(self):
     for name in ("block_n", "block_v", "block_d"):

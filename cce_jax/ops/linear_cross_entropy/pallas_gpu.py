@@ -69,21 +69,24 @@ def _spec(softcap, inv_temperature, with_sum, with_mean, config, exact, filter_e
 _atomic_add = triton_atomics.atomic_add
 
 
+def _logit_chunk(e_ref, c_ref, n_start, v_start, k, *, bn, bv, bd, d, precision):
+  """The D chunk k of e[n_start:+bn] @ c[v_start:+bv].T: a [bn, bv] fp32 partial product."""
+  compute = jnp.result_type(e_ref.dtype, c_ref.dtype)
+  d_first = k * bd
+  d_start = jnp.minimum(d_first, d - bd)
+  e_blk = e_ref[pl.ds(n_start, bn), pl.ds(d_start, bd)].astype(compute)
+  c_blk = c_ref[pl.ds(v_start, bv), pl.ds(d_start, bd)].astype(compute)
+  if d % bd:  # the moved-back last chunk must not count its first columns twice
+    e_blk = jnp.where((d_start + jnp.arange(bd) >= d_first)[None, :], e_blk, jnp.zeros_like(e_blk))
+  return lax.dot_general(e_blk, c_blk, (((1,), (1,)), ((), ())),
+                         preferred_element_type=xla_chunked.acc_dtype(compute), precision=precision)
+
+
 def _logit_tile(e_ref, c_ref, n_start, v_start, *, bn, bv, bd, d, precision):
   """z = e[n_start:+bn] @ c[v_start:+bv].T as a [bn, bv] fp32 tile, walking D in chunks of bd."""
-  compute = jnp.result_type(e_ref.dtype, c_ref.dtype)
-  acc = xla_chunked.acc_dtype(compute)
-
-  def body(k, z):
-    d_first = k * bd
-    d_start = jnp.minimum(d_first, d - bd)
-    e_blk = e_ref[pl.ds(n_start, bn), pl.ds(d_start, bd)].astype(compute)
-    c_blk = c_ref[pl.ds(v_start, bv), pl.ds(d_start, bd)].astype(compute)
-    if d % bd:  # the moved-back last chunk must not count its first columns twice
-      e_blk = jnp.where((d_start + jnp.arange(bd) >= d_first)[None, :], e_blk, jnp.zeros_like(e_blk))
-    return z + lax.dot_general(e_blk, c_blk, (((1,), (1,)), ((), ())), preferred_element_type=acc,
-                               precision=precision)
-
+  acc = xla_chunked.acc_dtype(jnp.result_type(e_ref.dtype, c_ref.dtype))
+  body = lambda k, z: z + _logit_chunk(e_ref, c_ref, n_start, v_start, k, bn=bn, bv=bv, bd=bd, d=d,
+                                       precision=precision)
   # int32 bounds keep the loop index int32 (index arithmetic must not mix widths under jax_enable_x64).
   return lax.fori_loop(jnp.int32(0), jnp.int32(pl.cdiv(d, bd)), body, jnp.zeros((bn, bv), acc))
 
@@ -117,13 +120,14 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
   v_lo = j * v_per_split
   v_hi = jnp.minimum(v, v_lo + v_per_split)
 
-  def body(k, carry):
+  precision = _precision(st_spec)
+
+  def tile_stats(v_first, z, carry):
+    """Folds one finished [bn, bv] logit tile (columns from v_first, moved back at the edge) into the stats."""
     m, l, st, ssum, w = carry
-    v_first = v_lo + k * bv
     v_start = jnp.minimum(v_first, v - bv)
     cols = v_start + jnp.arange(bv)
     col_ok = ((cols >= v_first) & (cols < v_hi))[None, :]
-    z = _logit_tile(e_ref, c_ref, n_start, v_start, bn=bn, bv=bv, bd=bd, d=d, precision=_precision(st_spec))
     if b_ref is not None:
       z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
     s, _ = xla_chunked.transform(z, st_spec)
@@ -140,8 +144,34 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
     return m_new, l, st, ssum, w
 
   zeros = jnp.zeros((bn,), m_ref.dtype)
+  init = (zeros - jnp.inf, zeros, zeros, zeros, zeros)
   num_tiles = (jnp.maximum(v_hi - v_lo, 0) + bv - 1) // bv
-  m, l, st, ssum, w = lax.fori_loop(0, num_tiles, body, (zeros - jnp.inf, zeros, zeros, zeros, zeros))
+  if cfg.flat_loop:
+    # One loop over (vocabulary tile, D chunk) pairs: the operand pipeline runs across tile boundaries and the
+    # statistics update runs under a branch on the last D chunk.
+    nd = pl.cdiv(d, bd)
+    compute = jnp.result_type(e_ref.dtype, c_ref.dtype)
+    acc = xla_chunked.acc_dtype(compute)
+
+    def flat_body(k, carry):
+      stats, z = carry
+      t = k // nd
+      kd = k - t * nd
+      v_first = v_lo + t * bv
+      z = z + _logit_chunk(e_ref, c_ref, n_start, jnp.minimum(v_first, v - bv), kd, bn=bn, bv=bv, bd=bd, d=d,
+                           precision=precision)
+      return lax.cond(kd == nd - 1, lambda a: (tile_stats(v_first, a[1], a[0]), jnp.zeros_like(a[1])),
+                      lambda a: a, (stats, z))
+
+    m, l, st, ssum, w = lax.fori_loop(0, num_tiles * nd, flat_body, (init, jnp.zeros((bn, bv), acc)))[0]
+  else:
+    def body(k, carry):
+      v_first = v_lo + k * bv
+      z = _logit_tile(e_ref, c_ref, n_start, jnp.minimum(v_first, v - bv), bn=bn, bv=bv, bd=bd, d=d,
+                      precision=precision)
+      return tile_stats(v_first, z, carry)
+
+    m, l, st, ssum, w = lax.fori_loop(0, num_tiles, body, init)
   rows = pl.ds(n_start, bn)
   m_ref[j, rows] = m
   l_ref[j, rows] = l

@@ -26,15 +26,20 @@ class TestPallasGpuInterpret(LinearCrossEntropyTestBase):
   extra = {"config": PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=3), "interpret": True}
 
 
+@pytest.mark.parametrize("flat_loop", [False, True])
 @pytest.mark.parametrize("block_n,block_v,block_d,splits", [(1, 1, 1, 1), (4, 8, 8, 5), (64, 512, 64, None)])
-def test_interpret_any_tile_shape(block_n, block_v, block_d, splits):
+def test_interpret_any_tile_shape(block_n, block_v, block_d, splits, flat_loop):
   e, c, targets, bias = helpers.make_inputs(31, (13,), 20, 300, bias=True)
   kw = dict(bias=bias, softcap=3.0, label_smoothing=0.1, reduction="none")
   ref = cce_jax.linear_cross_entropy(e, c, targets, implementation="reference", **kw)
-  cfg = PallasGpuConfig(block_n, block_v, block_d, num_splits=splits)
+  cfg = PallasGpuConfig(block_n, block_v, block_d, num_splits=splits, flat_loop=flat_loop)
   out = cce_jax.linear_cross_entropy(e, c, targets, implementation="pallas_gpu", config=cfg, interpret=True,
                                      **kw)
   np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
+  lp_kw = dict(bias=bias, softcap=3.0, temperature=0.7, return_entropy=True)
+  lp_ref = cce_jax.token_logprobs(e, c, targets, implementation="reference", **lp_kw)
+  lp = cce_jax.token_logprobs(e, c, targets, implementation="pallas_gpu", config=cfg, interpret=True, **lp_kw)
+  np.testing.assert_allclose(lp, lp_ref, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("bad", [0, 3, 48, 2.0])

@@ -61,6 +61,7 @@ class PallasGpuConfig:
     num_stages: software-pipelining depth of the D loop.
     num_splits: vocabulary splits of the forward grid; None picks enough to fill the GPU.
     flat_loop: the forward walks (vocabulary tile, D chunk) pairs in one loop instead of two nested ones.
+    fast_math: per-element exp and tanh on the GPU's ex2/rcp units (`fast_math.py`) instead of libdevice's.
   """
 
   block_n: int = 128
@@ -70,6 +71,7 @@ class PallasGpuConfig:
   num_stages: int = 3
   num_splits: int | None = None
   flat_loop: bool = False
+  fast_math: bool = True
 
   def __post_init__(self):
     for name in ("block_n", "block_v", "block_d"):

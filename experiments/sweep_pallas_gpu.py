@@ -3,9 +3,8 @@ r"""Times the pallas_gpu kernels over a set of tile configs at one benchmark sha
   python experiments/sweep_pallas_gpu.py --shape=gemma2_2b --regime=peaked \
       --configs=64x128x64w4s3,128x128x64w8s3,128x256x64w8s3
 
-A config is `{block_n}x{block_v}x{block_d}w{num_warps}s{num_stages}`, optionally followed by `p{num_splits}`
-`f` (flat forward loop) and `x` (libdevice exp/tanh instead of the fast ones). Prints one
-row per config: forward and loss + gradient medians, and the errors against the fp32 reference.
+A config is `{block_n}x{block_v}x{block_d}w{num_warps}s{num_stages}`, optionally followed by `p{num_splits}` and
+`f` (flat forward loop); `w4/8` means 4 warps in the forward, 8 in the backward. Prints one row per config: forward and loss + gradient medians, and the errors against the fp32 reference.
 """
 
 from __future__ import annotations
@@ -33,12 +32,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement.")
 
 
 def parse_config(text):
-  m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:p(\d+))?(f?)(x?)", text)
+  m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)(?:/(\d+))?s(\d+)(?:p(\d+))?(f?)", text)
   if not m:
     raise ValueError(f"bad config {text!r}")
-  bn, bv, bd, w, s, p, flat, libdevice = m.groups()
+  bn, bv, bd, w, bw, s, p, flat = m.groups()
   return cce_jax.PallasGpuConfig(int(bn), int(bv), int(bd), int(w), int(s), int(p) if p else None,
-                                 flat_loop=bool(flat), fast_math=not libdevice)
+                                 flat_loop=bool(flat), backward_warps=int(bw) if bw else None)
 
 
 def main(argv):

@@ -57,11 +57,11 @@ class PallasGpuConfig:
     block_n: tokens per tile (power of 2; Triton's dot wants >= 16 on a GPU).
     block_v: vocabulary entries per tile (power of 2).
     block_d: hidden-size chunk per step of the GEMM loop (power of 2); D need not be a multiple.
-    num_warps: warps per program.
+    num_warps: warps per program (of the forward; of the backward too unless backward_warps is set).
     num_stages: software-pipelining depth of the D loop.
     num_splits: vocabulary splits of the forward grid; None picks enough to fill the GPU.
     flat_loop: the forward walks (vocabulary tile, D chunk) pairs in one loop instead of two nested ones.
-    fast_math: per-element exp and tanh on the GPU's ex2/rcp units (`fast_math.py`) instead of libdevice's.
+    backward_warps: warps per program of the backward kernel; None: num_warps.
   """
 
   block_n: int = 128
@@ -71,7 +71,7 @@ class PallasGpuConfig:
   num_stages: int = 3
   num_splits: int | None = None
   flat_loop: bool = False
-  fast_math: bool = True
+  backward_warps: int | None = None
 
   def __post_init__(self):
     for name in ("block_n", "block_v", "block_d"):
@@ -82,6 +82,8 @@ class PallasGpuConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"PallasGpuConfig.{name} must be a positive int, got {value!r}")
+    if self.backward_warps is not None and (not isinstance(self.backward_warps, int) or self.backward_warps < 1):
+      raise ValueError(f"PallasGpuConfig.backward_warps must be a positive int or None, got {self.backward_warps!r}")
     if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):
       raise ValueError(f"PallasGpuConfig.num_splits must be a positive int or None, got {self.num_splits!r}")
 
@@ -96,6 +98,10 @@ class PallasGpuConfig:
     return dataclasses.replace(
         self, block_n=min(self.block_n, _pow2_floor(n)), block_v=min(self.block_v, _pow2_floor(v)),
         block_d=min(self.block_d, _pow2_floor(d)))
+
+  @property
+  def bwd_warps(self) -> int:
+    return self.num_warps if self.backward_warps is None else self.backward_warps
 
   def num_splits_for(self, n: int, v: int) -> int:
     if self.num_splits is not None:

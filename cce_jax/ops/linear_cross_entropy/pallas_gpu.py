@@ -28,7 +28,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from cce_jax.ops.linear_cross_entropy import fast_math
 from cce_jax.ops.linear_cross_entropy import stats_losses
 from cce_jax.ops.linear_cross_entropy import triton_atomics
 from cce_jax.ops.linear_cross_entropy import xla_chunked
@@ -106,13 +105,8 @@ def _precision(stats_spec):
   return _PRECISION_NAMES.get(jax.config.jax_default_matmul_precision)
 
 
-def _math(spec):
-  return fast_math.Math(interpret=spec.interpret, fast=spec.config.fast_math)
-
-
 def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
   cfg, st_spec = spec.config, spec.stats
-  fm = _math(spec)
   bn, bv, bd = cfg.block_n, cfg.block_v, cfg.block_d
   refs = list(refs)
   e_ref, c_ref = refs.pop(0), refs.pop(0)
@@ -136,11 +130,11 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
     col_ok = ((cols >= v_first) & (cols < v_hi))[None, :]
     if b_ref is not None:
       z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
-    s, _ = xla_chunked.transform(z, st_spec, tanh=fm.tanh)
+    s, _ = xla_chunked.transform(z, st_spec)
     s_ok = jnp.where(col_ok, s, 0.0)
     m_new = jnp.maximum(m, jnp.max(jnp.where(col_ok, s, -jnp.inf), axis=1))
     rescale = jnp.exp(m - m_new)
-    p = jnp.where(col_ok, fm.exp(s - m_new[:, None]), 0.0)
+    p = jnp.where(col_ok, jnp.exp(s - m_new[:, None]), 0.0)
     l = l * rescale + jnp.sum(p, axis=1)
     st = st + jnp.sum(jnp.where(cols[None, :] == targets[:, None], s_ok, 0.0), axis=1)
     if st_spec.with_sum:
@@ -238,10 +232,9 @@ def _bwd_kernel(*refs, spec, n, v, d, has_bias):
   z = _logit_tile(e_ref, c_ref, n_start, v_start, bn=bn, bv=bv, bd=bd, d=d, precision=_precision(st_spec))
   if b_ref is not None:
     z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
-  fm = _math(spec)
-  s, dsdz = xla_chunked.transform(z, st_spec, tanh=fm.tanh)
+  s, dsdz = xla_chunked.transform(z, st_spec)
   ds = xla_chunked.tile_dlogits(s, cols, row_vec(t_ref), row_vec(lse_ref), row_vec(mean_ref), row_vec(g_lse_ref),
-                                row_vec(g_st_ref), row_vec(g_sum_ref), row_vec(g_mean_ref), st_spec, exp=fm.exp)
+                                row_vec(g_st_ref), row_vec(g_sum_ref), row_vec(g_mean_ref), st_spec)
   live = ((rows >= n_first)[:, None] & (cols >= v_first)[None, :])
   live = live & ((row_vec(inv_r_ref) != 0) | (row_vec(g_sum_ref) != 0))
   ds = jnp.where(live, ds, 0.0)
@@ -307,7 +300,7 @@ def _stats_bwd(spec, residuals, cotangents):
       out_specs=[pl.no_block_spec] * len(accumulators),
       out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in accumulators],
       input_output_aliases={first_acc + k: k for k in range(len(accumulators))},
-      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.bwd_warps, num_stages=cfg.num_stages),
       interpret=spec.interpret,
       name="cce_bwd",
   )(*args)

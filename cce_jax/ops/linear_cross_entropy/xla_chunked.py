@@ -89,11 +89,11 @@ def _precision(spec):
   return lax.Precision.HIGHEST if spec.exact else None
 
 
-def transform(z, spec, tanh=jnp.tanh):
+def transform(z, spec):
   """s = f(z) and ds/dz for the softcap-then-temperature transform (elementwise, in z's dtype)."""
   if spec.softcap is None:
     return z * spec.inv_temperature, spec.inv_temperature
-  t = tanh(z * (1.0 / spec.softcap))
+  t = jnp.tanh(z / spec.softcap)
   return t * (spec.softcap * spec.inv_temperature), spec.inv_temperature * (1.0 - t * t)
 
 
@@ -190,16 +190,16 @@ def backward_cotangents(spec, residuals, cotangents):
   return (g_lse, g_st, g_sum, g_mean), inv_row_scale
 
 
-def tile_dlogits(s, cols, targets, lse, mean, g_lse, g_st, g_sum, g_mean, spec, exp=jnp.exp):
+def tile_dlogits(s, cols, targets, lse, mean, g_lse, g_st, g_sum, g_mean, spec):
   """dS = (g_lse + g_mean (1 + s - mean)) softmax(s) + g_target onehot(t) + g_sum for one [bn, bv] logit tile.
 
   s: [bn, bv] transformed logits; cols: [bv] their vocabulary indices; every other array is a [bn, 1] column.
-  Shared by the XLA and Pallas backwards (plain jnp, so it lowers inside a kernel too; `exp` may be a kernel's).
+  Shared by the XLA and Pallas backwards (plain jnp, so it lowers inside a kernel too).
   """
   coef = g_lse
   if spec.with_mean:
     coef = coef + g_mean * (1.0 + s - mean)
-  ds = coef * exp(s - lse) + jnp.where(cols[None, :] == targets, g_st, 0.0)
+  ds = coef * jnp.exp(s - lse) + jnp.where(cols[None, :] == targets, g_st, 0.0)
   if spec.with_sum:
     ds = ds + g_sum
   return ds

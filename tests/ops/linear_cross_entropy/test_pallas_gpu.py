@@ -73,3 +73,13 @@ class TestPallasGpuCompiledSmallTiles(LinearCrossEntropyTestBase):
 
   implementation = "auto"
   extra = {"config": PallasGpuConfig(block_n=16, block_v=32, block_d=16, num_splits=3)}
+
+
+def test_default_config_heuristic():
+  light, capped = PallasGpuConfig.for_shape(4096, 128256, 4096), PallasGpuConfig.for_shape(8192, 256000, 2304,
+                                                                                           softcap=30.0)
+  assert (light.num_warps, light.bwd_warps) == (4, 8)
+  assert (capped.num_warps, capped.bwd_warps) == (8, 8)
+  assert PallasGpuConfig(num_warps=2).bwd_warps == 2
+  with pytest.raises(ValueError, match="backward_warps"):
+    PallasGpuConfig(backward_warps=0)

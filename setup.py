@@ -26,9 +26,11 @@ setuptools.setup(
         "numpy>=2.0",
         "ml_collections>=1.0",
         "jaxtyping>=0.2.36",
+        "tokenizers>=0.20",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "scipy>=1.13"],
+        "plots": ["matplotlib>=3.8"],
     },
     license="Apache-2.0",
 )

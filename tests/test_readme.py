@@ -23,4 +23,4 @@ def test_readme_example_runs():
 def test_ci_runs_the_readme_test_command():
   assert TEST_COMMAND in _readme()
   assert TEST_COMMAND in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-  assert "experiments/demo_loss.py" in _readme()
+  assert "experiments/train.py --config=experiments/configs/tiny.py" in _readme()

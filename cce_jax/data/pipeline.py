@@ -1,0 +1,120 @@
+"""Tokenised corpus -> packed fixed-length sequences -> deterministic, resumable batches.
+
+Documents are joined with EOS into one token stream per split. Sequence i of a split is the window
+tokens[i·T : i·T + T + 1] (inputs are its first T tokens, targets its last T). Each epoch visits the sequences in
+the order of a permutation drawn from (seed, epoch); the iterator's whole state is {"epoch", "step"} (batches
+drawn in this epoch), so a run restored from a checkpoint sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from cce_jax.data import corpus as corpus_lib
+from cce_jax.data import tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass
+class TokenisedCorpus:
+  train: np.ndarray  # [tokens] uint32
+  val: np.ndarray
+  tokenizer_path: str
+  vocab_size: int
+
+
+def prepare(data: str, vocab_size: int, cache_dir: str, *, val_fraction: float = 0.05,
+            max_bytes: int | None = None, tokenizer_path: str | None = None) -> TokenisedCorpus:
+  """Tokenises the corpus `data` ("stdlib" or a glob), training or reusing the cached tokenizer.
+
+  Cached under cache_dir by (corpus fingerprint, vocab_size, val_fraction, max_bytes): tokenizer.json and the
+  token streams as .npy. tokenizer_path: use this tokenizer instead (a resumed run passes its own copy).
+  """
+  corpus = corpus_lib.get_corpus(data)
+  key = hashlib.sha256(json.dumps([corpus.fingerprint(), vocab_size, val_fraction, max_bytes]).encode())
+  folder = os.path.join(os.path.expanduser(cache_dir), key.hexdigest()[:16])
+  train_files, val_files = corpus_lib.split(corpus, val_fraction)
+  budget = None if max_bytes is None else int(max_bytes * (1 - val_fraction))
+  vbudget = None if max_bytes is None else max(1, int(max_bytes * val_fraction))
+  tok_path = tokenizer_path or os.path.join(folder, "tokenizer.json")
+  tok = tokenizer_lib.load_or_train(tok_path, lambda: corpus_lib.read_texts(train_files, budget), vocab_size)
+  streams = {}
+  for name, files, limit in (("train", train_files, budget), ("val", val_files, vbudget)):
+    path = os.path.join(folder, f"{name}.npy")
+    if tokenizer_path is None and os.path.exists(path):
+      streams[name] = np.load(path, mmap_mode="r")
+      continue
+    streams[name] = encode(tok, corpus_lib.read_texts(files, limit))
+    if tokenizer_path is None:
+      os.makedirs(folder, exist_ok=True)
+      tmp = f"{path}.tmp{os.getpid()}.npy"
+      np.save(tmp, streams[name])
+      os.replace(tmp, path)
+  return TokenisedCorpus(train=streams["train"], val=streams["val"], tokenizer_path=tok_path,
+                         vocab_size=vocab_size)
+
+
+def encode(tok, texts) -> np.ndarray:
+  """One uint32 stream: each text's ids followed by EOS."""
+  eos = tok.token_to_id(tokenizer_lib.EOS)
+  parts = []
+  for enc in tok.encode_batch(texts):
+    parts.append(np.asarray(enc.ids, np.uint32))
+    parts.append(np.asarray([eos], np.uint32))
+  return np.concatenate(parts) if parts else np.zeros((0,), np.uint32)
+
+
+class Batches:
+  """Deterministic batches {"inputs", "targets"}: int32 [batch_size, seq_len], drawn without replacement per epoch.
+
+  Each epoch drops the sequences that do not fill a last batch. `state()` / `restore(state)` save and set the
+  position; iterating never ends (epochs follow each other).
+  """
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+    self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+    self.num_sequences = max(0, (len(tokens) - 1) // seq_len)
+    self.batches_per_epoch = self.num_sequences // batch_size
+    if self.batches_per_epoch < 1:
+      raise ValueError(f"{len(tokens)} tokens give {self.num_sequences} sequences of {seq_len + 1} tokens: fewer "
+                       f"than one batch of {batch_size}; use more data, a shorter seq_len or a smaller batch")
+    self.epoch, self.step = 0, 0
+    self._order = None
+
+  def state(self) -> dict:
+    return {"epoch": self.epoch, "step": self.step}
+
+  def restore(self, state: dict):
+    self.epoch, self.step = int(state["epoch"]), int(state["step"])
+    self._order = None
+
+  def _epoch_order(self):
+    if self._order is None or self._order[0] != self.epoch:
+      rng = np.random.default_rng([self.seed, self.epoch])
+      self._order = (self.epoch, rng.permutation(self.num_sequences))
+    return self._order[1]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.step >= self.batches_per_epoch:
+      self.epoch, self.step = self.epoch + 1, 0
+    ids = self._epoch_order()[self.step * self.batch_size:(self.step + 1) * self.batch_size]
+    self.step += 1
+    starts = ids * self.seq_len
+    windows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1]) for s in starts]).astype(np.int32)
+    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None):
+  """The validation stream in order: consecutive batches, the same every time."""
+  n = max(0, (len(tokens) - 1) // seq_len) // batch_size
+  for b in range(n if max_batches is None else min(n, max_batches)):
+    starts = (np.arange(batch_size) + b * batch_size) * seq_len
+    windows = np.stack([np.asarray(tokens[s:s + seq_len + 1]) for s in starts]).astype(np.int32)
+    yield {"inputs": windows[:, :-1], "targets": windows[:, 1:]}

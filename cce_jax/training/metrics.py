@@ -1,0 +1,106 @@
+"""Run metrics: one JSON line per record in {workdir}/metrics/metrics.jsonl, optional TensorBoard, a loss plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+
+class MetricsWriter:
+  """Appends records {"step", ...} to metrics.jsonl (a resumed run drops records past its restored step)."""
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None):
+    self.folder = os.path.join(workdir, "metrics")
+    os.makedirs(self.folder, exist_ok=True)
+    self.path = os.path.join(self.folder, "metrics.jsonl")
+    if os.path.exists(self.path):
+      self._truncate_after(resume_step if resume_step is not None else 0)
+    self._file = open(self.path, "a", encoding="utf-8")
+    self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+
+  def _truncate_after(self, step: int):
+    """Keeps the records of steps <= step: the steps after the restored checkpoint are trained again."""
+    with open(self.path, encoding="utf-8") as f:
+      kept = [line for line in f if line.strip() and _record_step(line) <= step]
+    with open(self.path, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+
+  def write(self, record: dict):
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)):
+          self._tb.scalar(key, value, record["step"])
+
+  def close(self):
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _record_step(line: str) -> int:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return 1 << 62  # a torn last line (killed mid-write) is dropped
+
+
+class _TensorBoard:
+  """Scalar summaries through the `tensorboard` package alone (no TensorFlow)."""
+
+  def __init__(self, folder):
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=import-outside-toplevel
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=import-outside-toplevel
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=import-outside-toplevel
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    self._writer = EventFileWriter(folder)
+
+  def scalar(self, tag, value, step):
+    summary = self._summary_pb2.Summary(value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
+    self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def close(self):
+    self._writer.close()
+
+
+def _tensorboard_writer(folder):
+  try:
+    return _TensorBoard(folder)
+  except ImportError:
+    return None
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics", "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(workdir: str) -> str | None:
+  """Writes {workdir}/plots/loss.png (train and validation loss against step); None without matplotlib."""
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    logging.info("matplotlib is not installed: no loss plot")
+    return None
+  records = read_metrics(workdir)
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  if train:
+    ax.plot(*zip(*train), label="train", lw=1)
+  if val:
+    ax.plot(*zip(*val), "o-", label="validation")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  path = os.path.join(workdir, "plots", "loss.png")
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  return path

@@ -1,0 +1,186 @@
+"""The LM training loop behind experiments/train.py: data, model, sharding, optimizer, checkpoints, metrics.
+
+One jitted step over a `jax.sharding.Mesh` of all devices (axis "data"): the batch is split over it (data
+parallel) and the parameters are replicated, or with `fsdp=True` each parameter is split along its largest
+dimension that the device count divides. The same code runs on one CPU, simulated CPU devices or N GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cce_jax import data as data_lib
+from cce_jax import models
+from cce_jax.training import checkpoint as checkpoint_lib
+from cce_jax.training import metrics as metrics_lib
+from cce_jax.training import optim
+from cce_jax.training.params import ParamCodec
+
+
+def model_config(cfg) -> models.Config:
+  m = cfg.model
+  return models.Config(V=cfg.vocab_size, D=m.D, H=m.H, KV=m.KV, L=m.L, F=m.F, T=cfg.seq_len, dtype=m.dtype,
+                       tie_embeddings=m.tie_embeddings, remat=m.remat)
+
+
+def _param_spec(shape, n_devices, fsdp):
+  if not fsdp or n_devices == 1:
+    return P()
+  dims = sorted(range(len(shape)), key=lambda i: -shape[i])
+  for i in dims:
+    if shape[i] % n_devices == 0:
+      return P(*([None] * i + ["data"]))
+  return P()
+
+
+def _batch_to_devices(batch, sharding):
+  """The global batch as arrays split over the mesh; each process contributes its own rows."""
+  nproc, pid = jax.process_count(), jax.process_index()
+  out = {}
+  for k, v in batch.items():
+    rows = v.shape[0] // nproc
+    out[k] = jax.make_array_from_process_local_data(sharding, v[pid * rows:(pid + 1) * rows], v.shape)
+  return out
+
+
+@dataclasses.dataclass
+class Run:
+  """What `train` sets up; tests use its pieces."""
+
+  cfg: object
+  model_cfg: models.Config
+  codec: ParamCodec
+  train_step: object
+  eval_step: object
+  state: dict
+  batches: data_lib.Batches
+  val_tokens: np.ndarray
+  batch_sharding: NamedSharding
+
+
+def setup(cfg, workdir: str) -> Run:
+  os.makedirs(workdir, exist_ok=True)
+  if cfg.batch_size % jax.device_count():
+    raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the device count {jax.device_count()}")
+  # The run's own tokenizer copy: a resumed run tokenises exactly as before even if the cache is gone.
+  own_tokenizer = os.path.join(workdir, "tokenizer.json")
+  corpus = data_lib.prepare(cfg.data, cfg.vocab_size, cfg.data_cache, val_fraction=cfg.val_fraction,
+                            max_bytes=cfg.max_bytes or None,
+                            tokenizer_path=own_tokenizer if os.path.exists(own_tokenizer) else None)
+  if not os.path.exists(own_tokenizer) and jax.process_index() == 0:
+    shutil.copyfile(corpus.tokenizer_path, own_tokenizer)
+  batches = data_lib.Batches(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed)
+
+  mcfg = model_config(cfg)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  batch_sharding = NamedSharding(mesh, P("data"))
+  codec = ParamCodec(nnx.eval_shape(lambda: models.make_model(mcfg, cfg.seed)))
+  abstract = jax.eval_shape(lambda: codec.to_dict(models.make_model(mcfg, cfg.seed)))
+  param_shardings = {k: NamedSharding(mesh, _param_spec(v.shape, mesh.size, cfg.fsdp)) for k, v in abstract.items()}
+  params = jax.jit(lambda: codec.to_dict(models.make_model(mcfg, cfg.seed)), out_shardings=param_shardings)()
+  tx = optim.make_optimizer(_optim_cfg(cfg))
+  state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
+  lr = optim.learning_rate(_optim_cfg(cfg))
+
+  def loss_fn(params, batch):
+    model = codec.to_model(params)
+    return models.lm_loss(model, batch["inputs"], batch["targets"], implementation=cfg.loss)
+
+  def train_step(state, batch):
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+           "step": state["step"] + 1}
+    return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count, "lr": lr(state["step"])}
+
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings,
+                                                                                                 None),
+                       donate_argnums=0)
+  eval_step = jax.jit(loss_fn, in_shardings=(param_shardings, batch_sharding))
+  return Run(cfg, mcfg, codec, train_step, eval_step, state, batches, corpus.val, batch_sharding)
+
+
+def _optim_cfg(cfg):
+  o = cfg.optim
+  return type("OptimConfig", (), dict(lr=o.lr, warmup_steps=o.warmup_steps, steps=cfg.steps, schedule=o.schedule,
+                                     min_lr_ratio=o.min_lr_ratio, decay_fraction=o.decay_fraction, b1=o.b1, b2=o.b2,
+                                     eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip))
+
+
+def evaluate(run: Run, params) -> dict:
+  total, count = 0.0, 0
+  for batch in data_lib.eval_batches(run.val_tokens, run.cfg.seq_len, run.cfg.batch_size, run.cfg.eval_batches):
+    loss, n = jax.device_get(run.eval_step(params, _batch_to_devices(batch, run.batch_sharding)))
+    total, count = total + float(loss) * int(n), count + int(n)
+  if count == 0:
+    return {}
+  return {"val_loss": total / count, "val_ppl": math.exp(min(total / count, 700.0))}
+
+
+def _memory():
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use") if k in stats}
+
+
+def train(cfg, workdir: str) -> dict:
+  """Trains cfg.steps steps (resuming from workdir's newest readable checkpoint) and returns the last record."""
+  run = setup(cfg, workdir)
+  ckpt = checkpoint_lib.Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
+                                     async_save=cfg.async_checkpoints)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
+  restored = ckpt.restore_latest(abstract)
+  start = 0
+  if restored is not None:
+    start, run.state, data_state, _ = restored
+    run.batches.restore(data_state)
+    logging.info("resumed from step %d in %s", start, ckpt.directory)
+  counts = models.param_counts(run.codec.to_model(run.state["params"]))
+  meta = {"config": cfg.to_dict(), "param_counts": counts}
+  logging.info("model: %s parameters (%s non-embedding)", f"{counts['total']:,}", f"{counts['non_embedding']:,}")
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  record, last_log, t_prev = {}, time.time(), time.time()
+  try:
+    for step in range(start, cfg.steps):
+      batch = _batch_to_devices(next(run.batches), run.batch_sharding)
+      run.state, out = run.train_step(run.state, batch)
+      out = jax.device_get(out)
+      now = time.time()
+      record = {"step": step + 1, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
+                "lr": float(out["lr"]), "tokens_per_s": int(out["tokens"]) / max(now - t_prev, 1e-9)}
+      t_prev = now
+      if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+        ckpt.wait()
+        raise FloatingPointError(
+            f"non-finite loss {record['loss']} or gradient norm {record['grad_norm']} at step {step + 1}; "
+            f"stopping without saving it (the newest checkpoint is step {ckpt.latest_step()} in {ckpt.directory})")
+      last = step + 1 == cfg.steps
+      if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+        record.update(evaluate(run, run.state["params"]))
+      record.update(_memory())
+      writer.write(record)
+      ckpt.save(step + 1, run.state, run.batches.state(), meta, force=last)
+      if last or now - last_log >= cfg.log_every_s:
+        last_log = now
+        logging.info("step %d/%d loss %.4f%s lr %.2e grad_norm %.3f %.0f tokens/s", step + 1, cfg.steps,
+                     record["loss"], f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else "",
+                     record["lr"], record["grad_norm"], record["tokens_per_s"])
+  finally:
+    ckpt.close()
+    writer.close()
+  if jax.process_index() == 0 and cfg.plot:
+    metrics_lib.plot_losses(workdir)
+  return record

@@ -26,7 +26,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x_BxTxD):
     x = x_BxTxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * self.scale.value.astype(jnp.float32)).astype(self.dtype)
+    return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
 def rope(x_BxTxNxK, positions_BxT, theta):
@@ -56,13 +56,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD, positions_BxT):
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq.value.astype(dt))
-    k_BxTxGxK = jnp.einsum("btd,dgk->btgk", x_BxTxD, self.wk.value.astype(dt))
-    v_BxTxGxK = jnp.einsum("btd,dgk->btgk", x_BxTxD, self.wv.value.astype(dt))
+    q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...].astype(dt))
+    k_BxTxGxK = jnp.einsum("btd,dgk->btgk", x_BxTxD, self.wk[...].astype(dt))
+    v_BxTxGxK = jnp.einsum("btd,dgk->btgk", x_BxTxD, self.wv[...].astype(dt))
     q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, cfg.rope_theta)
     k_BxTxGxK = rope(k_BxTxGxK, positions_BxT, cfg.rope_theta)
     o_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, is_causal=True)
-    return jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo.value.astype(dt))
+    return jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo[...].astype(dt))
 
 
 class MLP(nnx.Module):
@@ -77,8 +77,8 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BxTxD):
     dt = self.dtype
-    h_BxTxF = jax.nn.silu(x_BxTxD @ self.w1.value.astype(dt)) * (x_BxTxD @ self.w3.value.astype(dt))
-    return h_BxTxF @ self.w2.value.astype(dt)
+    h_BxTxF = jax.nn.silu(x_BxTxD @ self.w1[...].astype(dt)) * (x_BxTxD @ self.w3[...].astype(dt))
+    return h_BxTxF @ self.w2[...].astype(dt)
 
 
 class Block(nnx.Module):

@@ -37,9 +37,17 @@ class Decoder(nnx.Module):
       raise ValueError(f"tokens must be [B, T], got shape {tokens_BxT.shape}")
     if tokens_BxT.shape[1] > cfg.T:
       raise ValueError(f"sequence length {tokens_BxT.shape[1]} exceeds Config.T={cfg.T}")
+    return self.apply_blocks(self.embed_tokens(tokens_BxT), positions_BxT)
+
+  def embed_tokens(self, tokens_BxT):
+    """The input embeddings [B, T, D] in the compute dtype."""
+    return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+
+  def apply_blocks(self, x_BxTxD, positions_BxT=None):
+    """The transformer blocks and the final norm on input embeddings [B, T, D] (positions default to 0..T-1)."""
+    cfg = self.cfg
     if positions_BxT is None:
-      positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
-    x_BxTxD = jnp.take(self.embed.value, tokens_BxT, axis=0).astype(cfg.compute_dtype)
+      positions_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), x_BxTxD.shape[:2])
     for block in self.blocks:
       if cfg.remat:
         x_BxTxD = nnx.remat(lambda blk, x, p: blk(x, p))(block, x_BxTxD, positions_BxT)
@@ -49,7 +57,7 @@ class Decoder(nnx.Module):
 
   def classifier(self):
     """c [V, D] in the compute dtype (the embedding when tied)."""
-    table = self.embed.value if self.cfg.tie_embeddings else self.head.value
+    table = self.embed[...] if self.cfg.tie_embeddings else self.head[...]
     return table.astype(self.cfg.compute_dtype)
 
 

@@ -104,7 +104,7 @@ def setup(cfg, workdir: str) -> Run:
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
            "step": state["step"] + 1}
-    return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count, "lr": lr(state["step"])}
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count, "lr": lr(state["step"])}
 
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings,
@@ -136,8 +136,12 @@ def _memory():
   return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use") if k in stats}
 
 
-def train(cfg, workdir: str) -> dict:
-  """Trains cfg.steps steps (resuming from workdir's newest readable checkpoint) and returns the last record."""
+def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
+  """Trains to cfg.steps (resuming from workdir's newest readable checkpoint); returns the last metrics record.
+
+  stop_at: end this invocation after that step (saving it) as a preempted job would; the schedule still spans
+  cfg.steps, so a later call continues the same run.
+  """
   run = setup(cfg, workdir)
   ckpt = checkpoint_lib.Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
                                      async_save=cfg.async_checkpoints)
@@ -154,7 +158,8 @@ def train(cfg, workdir: str) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   record, last_log, t_prev = {}, time.time(), time.time()
   try:
-    for step in range(start, cfg.steps):
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    for step in range(start, end):
       batch = _batch_to_devices(next(run.batches), run.batch_sharding)
       run.state, out = run.train_step(run.state, batch)
       out = jax.device_get(out)
@@ -167,8 +172,8 @@ def train(cfg, workdir: str) -> dict:
         raise FloatingPointError(
             f"non-finite loss {record['loss']} or gradient norm {record['grad_norm']} at step {step + 1}; "
             f"stopping without saving it (the newest checkpoint is step {ckpt.latest_step()} in {ckpt.directory})")
-      last = step + 1 == cfg.steps
-      if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+      last = step + 1 == end
+      if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
         record.update(evaluate(run, run.state["params"]))
       record.update(_memory())
       writer.write(record)

@@ -1,0 +1,89 @@
+"""The training loop: the loss falls, resume is exact, damaged checkpoints are skipped, NaN stops the run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from cce_jax.training import config as config_lib
+from cce_jax.training import metrics as metrics_lib
+from cce_jax.training import trainer
+
+
+def small_config(cache, **overrides):
+  c = config_lib.base_config()
+  c.data_cache = str(cache)
+  c.max_bytes = 300_000
+  c.vocab_size = 320
+  c.seq_len = 32
+  c.batch_size = 8
+  c.steps = 12
+  c.model.update(D=32, H=2, KV=1, L=1, F=64, dtype="float32")
+  c.optim.update(lr=1e-2, warmup_steps=2)
+  c.checkpoint_every = 3
+  c.keep_checkpoints = 10
+  c.eval_every = 6
+  c.eval_batches = 2
+  c.plot = False
+  c.update(overrides)
+  return c
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics_lib.read_metrics(workdir)}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="module")
+def straight_run(cache, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  trainer.train(small_config(cache), workdir)
+  return workdir
+
+
+def test_loss_falls_and_outputs_exist(straight_run):
+  history = losses(straight_run)
+  assert sorted(history) == list(range(1, 13))
+  assert history[12] < history[1] - 0.5, history
+  records = metrics_lib.read_metrics(straight_run)
+  assert "val_loss" in records[5] and "val_loss" in records[11]
+  assert sorted(int(s) for s in os.listdir(os.path.join(straight_run, "checkpoints"))) == [3, 6, 9, 12]
+  assert os.path.exists(os.path.join(straight_run, "tokenizer.json"))
+
+
+def test_resume_is_bitwise_identical(cache, straight_run, tmp_path):
+  workdir = str(tmp_path / "resumed")
+  trainer.train(small_config(cache), workdir, stop_at=7)  # checkpoints at 3, 6 and the final 7
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "7"))  # as if killed after step 7 ran but before it saved
+  trainer.train(small_config(cache), workdir)
+  assert losses(workdir) == losses(straight_run)
+
+
+def test_damaged_checkpoint_falls_back_to_an_older_one(cache, straight_run, tmp_path):
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(straight_run, workdir)
+  for step in (9, 12):
+    state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+    for root, _, files in os.walk(state_dir):
+      for f in files:
+        if not f.startswith("_"):
+          os.remove(os.path.join(root, f))
+  record = trainer.train(small_config(cache, steps=12), workdir)
+  assert record["step"] == 12
+  assert losses(workdir) == losses(straight_run)
+  assert sorted(os.listdir(os.path.join(workdir, "unreadable_checkpoints"))) == ["12", "9"]  # kept, not deleted
+
+
+def test_non_finite_loss_stops_with_the_step(cache, tmp_path):
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match=r"at step \d+"):
+    trainer.train(small_config(cache, steps=30, optim=dict(lr=1e6, warmup_steps=0, grad_clip=0.0)), workdir)
+  records = metrics_lib.read_metrics(workdir)
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert all(s <= records[-1]["step"] for s in saved)

@@ -92,7 +92,12 @@ def setup(cfg, workdir: str) -> Run:
   param_shardings = {k: NamedSharding(mesh, _param_spec(v.shape, mesh.size, cfg.fsdp)) for k, v in abstract.items()}
   params = jax.jit(lambda: codec.to_dict(models.make_model(mcfg, cfg.seed)), out_shardings=param_shardings)()
   tx = optim.make_optimizer(_optim_cfg(cfg))
-  state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
+  replicated = NamedSharding(mesh, P())
+  # Optimizer leaves keep the sharding jit gives them (the parameters' for the moments); scalars such as the
+  # step count come out on one device and are replicated over the mesh.
+  on_mesh = lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated)
+  state = jax.tree.map(on_mesh, {"params": params, "opt_state": jax.jit(tx.init)(params),
+                                 "step": jnp.zeros((), jnp.int32)})
   lr = optim.learning_rate(_optim_cfg(cfg))
 
   def loss_fn(params, batch):
@@ -154,7 +159,9 @@ def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
     logging.info("resumed from step %d in %s", start, ckpt.directory)
   counts = models.param_counts(run.codec.to_model(run.state["params"]))
   meta = {"config": cfg.to_dict(), "param_counts": counts}
-  logging.info("model: %s parameters (%s non-embedding)", f"{counts['total']:,}", f"{counts['non_embedding']:,}")
+  logging.info("model: %s parameters (%s non-embedding); %d devices (%s), %s parameters", f"{counts['total']:,}",
+               f"{counts['non_embedding']:,}", jax.device_count(), jax.devices()[0].device_kind,
+               "sharded (fsdp)" if cfg.fsdp else "replicated")
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   record, last_log, t_prev = {}, time.time(), time.time()
   try:

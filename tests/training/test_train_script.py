@@ -1,0 +1,89 @@
+"""experiments/train.py as a process: SIGKILL mid-run and mid-save then resume; 8 simulated devices vs 1."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cce_jax.training import metrics as metrics_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _command(workdir, cache, steps=30):
+  return [sys.executable, str(ROOT / "experiments" / "train.py"), "--config=" + str(ROOT / "experiments" /
+                                                                                     "configs" / "tiny.py"),
+          f"--workdir={workdir}", f"--config.data_cache={cache}", "--config.max_bytes=300000",
+          "--config.vocab_size=320", "--config.seq_len=32", "--config.batch_size=8", f"--config.steps={steps}",
+          "--config.model.D=32", "--config.model.H=2", "--config.model.KV=1", "--config.model.L=1",
+          "--config.model.F=64", "--config.checkpoint_every=5", "--config.eval_every=10",
+          "--config.eval_batches=2", "--config.plot=False", "--config.optim.warmup_steps=3"]
+
+
+def _env(devices=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(workdir))}
+
+
+def _newest_step(workdir):
+  try:
+    return max(_losses(workdir), default=0)
+  except (FileNotFoundError, ValueError):
+    return 0
+
+
+def _run_until_killed(workdir, cache, kill_after_step):
+  proc = subprocess.Popen(_command(workdir, cache), env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while _newest_step(workdir) < kill_after_step:
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      pytest.fail(f"training stopped (rc {proc.returncode}) before step {kill_after_step}")
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  subprocess.run(_command(workdir, cache), env=_env(), check=True, capture_output=True)
+  return _losses(workdir)
+
+
+def test_sigkill_mid_run_and_mid_save_then_resume_is_bitwise_identical(cache, reference, tmp_path):
+  workdir = tmp_path / "killed"
+  _run_until_killed(workdir, cache, kill_after_step=12)  # between checkpoints (10 saved, 11-12 lost)
+  _run_until_killed(workdir, cache, kill_after_step=20)  # right after step 20's record: its save is in flight
+  subprocess.run(_command(workdir, cache), env=_env(), check=True, capture_output=True)
+  assert sorted(reference) == list(range(1, 31))
+  assert _losses(workdir) == reference
+
+
+def test_eight_simulated_devices_match_one(cache, reference, tmp_path):
+  workdir = tmp_path / "eight"
+  out = subprocess.run(_command(workdir, cache, steps=30) + ["--config.fsdp=True"], env=_env(devices=8),
+                       check=True, capture_output=True, text=True)
+  assert "8 devices" in out.stderr + out.stdout
+  eight = _losses(workdir)
+  assert sorted(eight) == sorted(reference)
+  for step, loss in reference.items():
+    assert eight[step] == pytest.approx(loss, rel=2e-4, abs=2e-4), step

@@ -1,8 +1,6 @@
 """The LM training loop behind experiments/train.py: data, model, sharding, optimizer, checkpoints, metrics.
 
-One jitted step over a `jax.sharding.Mesh` of all devices (axis "data"): the batch is split over it (data
-parallel) and the parameters are replicated, or with `fsdp=True` each parameter is split along its largest
-dimension that the device count divides. The same code runs on one CPU, simulated CPU devices or N GPUs.
+The steps and the sharding live in `step.py`; the same code runs on one CPU, simulated CPU devices or N GPUs.
 """
 
 from __future__ import annotations
@@ -15,18 +13,15 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from cce_jax import data as data_lib
 from cce_jax import models
 from cce_jax.training import checkpoint as checkpoint_lib
 from cce_jax.training import metrics as metrics_lib
 from cce_jax.training import optim
+from cce_jax.training import step as step_lib
 from cce_jax.training.params import ParamCodec
 
 
@@ -34,16 +29,6 @@ def model_config(cfg) -> models.Config:
   m = cfg.model
   return models.Config(V=cfg.vocab_size, D=m.D, H=m.H, KV=m.KV, L=m.L, F=m.F, T=cfg.seq_len, dtype=m.dtype,
                        tie_embeddings=m.tie_embeddings, remat=m.remat)
-
-
-def _param_spec(shape, n_devices, fsdp):
-  if not fsdp or n_devices == 1:
-    return P()
-  dims = sorted(range(len(shape)), key=lambda i: -shape[i])
-  for i in dims:
-    if shape[i] % n_devices == 0:
-      return P(*([None] * i + ["data"]))
-  return P()
 
 
 def _batch_to_devices(batch, sharding):
@@ -85,45 +70,9 @@ def setup(cfg, workdir: str) -> Run:
   batches = data_lib.Batches(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed)
 
   mcfg = model_config(cfg)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  batch_sharding = NamedSharding(mesh, P("data"))
-  codec = ParamCodec(nnx.eval_shape(lambda: models.make_model(mcfg, cfg.seed)))
-  abstract = jax.eval_shape(lambda: codec.to_dict(models.make_model(mcfg, cfg.seed)))
-  param_shardings = {k: NamedSharding(mesh, _param_spec(v.shape, mesh.size, cfg.fsdp)) for k, v in abstract.items()}
-  params = jax.jit(lambda: codec.to_dict(models.make_model(mcfg, cfg.seed)), out_shardings=param_shardings)()
-  tx = optim.make_optimizer(_optim_cfg(cfg))
-  replicated = NamedSharding(mesh, P())
-  # Optimizer leaves keep the sharding jit gives them (the parameters' for the moments); scalars such as the
-  # step count come out on one device and are replicated over the mesh.
-  on_mesh = lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated)
-  state = jax.tree.map(on_mesh, {"params": params, "opt_state": jax.jit(tx.init)(params),
-                                 "step": jnp.zeros((), jnp.int32)})
-  lr = optim.learning_rate(_optim_cfg(cfg))
-
-  def loss_fn(params, batch):
-    model = codec.to_model(params)
-    return models.lm_loss(model, batch["inputs"], batch["targets"], implementation=cfg.loss)
-
-  def train_step(state, batch):
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-           "step": state["step"] + 1}
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count, "lr": lr(state["step"])}
-
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings,
-                                                                                                 None),
-                       donate_argnums=0)
-  eval_step = jax.jit(loss_fn, in_shardings=(param_shardings, batch_sharding))
-  return Run(cfg, mcfg, codec, train_step, eval_step, state, batches, corpus.val, batch_sharding)
-
-
-def _optim_cfg(cfg):
-  o = cfg.optim
-  return type("OptimConfig", (), dict(lr=o.lr, warmup_steps=o.warmup_steps, steps=cfg.steps, schedule=o.schedule,
-                                     min_lr_ratio=o.min_lr_ratio, decay_fraction=o.decay_fraction, b1=o.b1, b2=o.b2,
-                                     eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip))
+  steps = step_lib.build(mcfg, optim.OptimConfig.from_config(cfg), loss=cfg.loss, fsdp=cfg.fsdp, seed=cfg.seed)
+  return Run(cfg, mcfg, steps.codec, steps.train_step, steps.eval_step, steps.state, batches, corpus.val,
+             steps.batch_sharding)
 
 
 def evaluate(run: Run, params) -> dict:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from cce_jax.ops.linear_cross_entropy import benchmark_torch
 from cce_jax.ops.linear_cross_entropy.benchmark import SHAPES
+from cce_jax.ops.linear_cross_entropy.benchmark import load_lm
 from cce_jax.ops.linear_cross_entropy.benchmark import loss_fn
 from cce_jax.ops.linear_cross_entropy.benchmark import make_inputs
 from cce_jax.ops.linear_cross_entropy.benchmark import median_ms
@@ -30,7 +31,9 @@ JAX_METHODS = ("naive", "xla_chunked", "pallas_gpu", "pallas_gpu_exact")
 METHODS = JAX_METHODS + benchmark_torch.ANCHORS
 
 _SHAPES = flags.DEFINE_list("shapes", ["gemma2_2b"], f"Shapes from {sorted(SHAPES)}.")
-_REGIMES = flags.DEFINE_list("regimes", ["random", "peaked"], "Input regimes: random, peaked.")
+_REGIMES = flags.DEFINE_list("regimes", ["random", "peaked"],
+                             "Input regimes: random, peaked, lm (needs --lm_file; ignores --shapes).")
+_LM_FILE = flags.DEFINE_string("lm_file", None, "An .npz from experiments/dump_hidden.py for the lm regime.")
 _METHODS = flags.DEFINE_list(
     "methods", list(METHODS),
     f"Methods from {METHODS}; the PyTorch anchors ({', '.join(benchmark_torch.ANCHORS)}) are skipped with a note "
@@ -42,8 +45,13 @@ _OUT = flags.DEFINE_string("out", None, "Folder for results.json.")
 
 
 def run_one(shape_name, regime, methods, dtype, repeats, accuracy):
-  n, d, v, softcap = SHAPES[shape_name]
-  e, c, targets = make_inputs(n, d, v, dtype, regime)
+  if regime == "lm":
+    e, c, targets = load_lm(_LM_FILE.value, dtype)
+    (n, d), v, softcap = e.shape, c.shape[0], None
+    shape_name = f"lm:{os.path.basename(_LM_FILE.value)}"
+  else:
+    n, d, v, softcap = SHAPES[shape_name]
+    e, c, targets = make_inputs(n, d, v, dtype, regime)
   gemm_tflop = 2 * n * d * v / 1e12
   ref = None
   if accuracy:
@@ -132,10 +140,15 @@ def main(argv):
   if anchors:
     header += ", " + ", ".join(f"{k} {v}" for k, v in sorted(anchors.items()))
   print(header, flush=True)
+  if "lm" in _REGIMES.value and not _LM_FILE.value:
+    raise app.UsageError("the lm regime needs --lm_file (write one with experiments/dump_hidden.py)")
   rows = []
   for shape_name in _SHAPES.value:
     for regime in _REGIMES.value:
-      rows += run_one(shape_name, regime, methods, dtype, _REPEATS.value, _ACCURACY.value)
+      if regime != "lm":
+        rows += run_one(shape_name, regime, methods, dtype, _REPEATS.value, _ACCURACY.value)
+  if "lm" in _REGIMES.value:
+    rows += run_one(None, "lm", methods, dtype, _REPEATS.value, _ACCURACY.value)
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "results.json"), "w") as f:

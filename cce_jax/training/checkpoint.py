@@ -60,6 +60,13 @@ class Checkpointer:
       self.manager.reload()
     return result
 
+  def latest_meta(self) -> dict:
+    """The run metadata (config, parameter counts) of the newest checkpoint."""
+    step = self.manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def latest_step(self):
     return self.manager.latest_step()
 

@@ -37,6 +37,12 @@ def make_inputs(n, d, v, dtype, regime, seed=0):
   return e.astype(dtype), c.astype(dtype), targets
 
 
+def load_lm(path, dtype):
+  """(e [N, D], c [V, D], targets [N]) saved by experiments/dump_hidden.py, cast to dtype."""
+  with np.load(path) as f:
+    return (jnp.asarray(f["e"], dtype), jnp.asarray(f["c"], dtype), jnp.asarray(f["targets"], jnp.int32))
+
+
 def naive_loss(e, c, targets, softcap):
   """Materialised logits in the input dtype, then a fp32 log-softmax: what one writes by hand."""
   logits = (e @ c.T).astype(jnp.float32)

@@ -1,6 +1,7 @@
 """Text corpora: the running Python's standard-library sources (no download), or the user's files.
 
-The default corpus exists on any machine with Python: the `.py` files of the standard library (test suites and
+`text_source` turns a config's `data` string into (fingerprint, train texts, validation texts). The default
+corpus exists on any machine with Python: the `.py` files of the standard library (test suites and
 site-packages left out). Files are split into train and validation by a hash of their path relative to the
 corpus root, so the split is the same on every run and does not depend on file order.
 """
@@ -66,6 +67,40 @@ def split(corpus: Corpus, val_fraction: float) -> tuple[list[str], list[str]]:
   if val_fraction > 0 and not val and len(train) > 1:
     val.append(train.pop())
   return train, val
+
+
+def text_source(spec: str, val_fraction: float, max_bytes: int | None):
+  """(fingerprint, train_texts_fn, val_texts_fn) for "stdlib", a glob, or "hf:NAME[:SPLIT[:COLUMN]]"."""
+  budget = None if max_bytes is None else int(max_bytes * (1 - val_fraction))
+  vbudget = None if max_bytes is None else max(1, int(max_bytes * val_fraction))
+  if spec.startswith("hf:"):
+    return _hf_source(spec, val_fraction, budget, vbudget)
+  corpus = get_corpus(spec)
+  train, val = split(corpus, val_fraction)
+  return corpus.fingerprint(), lambda: read_texts(train, budget), lambda: read_texts(val, vbudget)
+
+
+def _hf_source(spec, val_fraction, budget, vbudget):
+  name, split_name, column = (spec[3:].split(":") + ["train", "text"])[:3]
+
+  def texts(want_val, limit):
+    try:
+      import datasets  # pylint: disable=import-outside-toplevel
+    except ImportError as err:
+      raise ImportError(f"config.data={spec!r} needs the `datasets` package (pip install datasets) and network "
+                        "access; or point config.data at local text files") from err
+    rows = datasets.load_dataset(name, split=split_name, streaming=True)
+    out, total = [], 0
+    for i, row in enumerate(rows):
+      if limit is not None and total >= limit:
+        break
+      digest = hashlib.sha256(f"{name}/{split_name}/{i}".encode()).digest()
+      if (int.from_bytes(digest[:8], "little") / 2**64 < val_fraction) == want_val:
+        out.append(row[column])
+        total += len(row[column].encode())
+    return out
+
+  return hashlib.sha256(spec.encode()).hexdigest()[:16], lambda: texts(False, budget), lambda: texts(True, vbudget)
 
 
 def read_texts(files, max_bytes: int | None = None) -> list[str]:

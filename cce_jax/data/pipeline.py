@@ -29,33 +29,35 @@ class TokenisedCorpus:
 
 def prepare(data: str, vocab_size: int, cache_dir: str, *, val_fraction: float = 0.05,
             max_bytes: int | None = None, tokenizer_path: str | None = None) -> TokenisedCorpus:
-  """Tokenises the corpus `data` ("stdlib" or a glob), training or reusing the cached tokenizer.
+  """Tokenises the corpus `data`, training or reusing the cached tokenizer.
 
-  Cached under cache_dir by (corpus fingerprint, vocab_size, val_fraction, max_bytes): tokenizer.json and the
-  token streams as .npy. tokenizer_path: use this tokenizer instead (a resumed run passes its own copy).
+  data: "stdlib", a glob of text files, or "hf:NAME[:SPLIT[:COLUMN]]" (a Hugging Face dataset; needs the
+  `datasets` package and network access). max_bytes bounds the text read (train and validation together).
+  Cached under cache_dir by (corpus fingerprint, vocab_size, val_fraction, max_bytes, tokenizer): tokenizer.json
+  and the token streams as .npy. tokenizer_path: use this tokenizer (a resumed run passes its own copy).
   """
-  corpus = corpus_lib.get_corpus(data)
-  key = hashlib.sha256(json.dumps([corpus.fingerprint(), vocab_size, val_fraction, max_bytes]).encode())
+  fingerprint, train_texts, val_texts = corpus_lib.text_source(data, val_fraction, max_bytes)
+  tokenizer_key = _file_digest(tokenizer_path) if tokenizer_path else None
+  key = hashlib.sha256(json.dumps([fingerprint, vocab_size, val_fraction, max_bytes, tokenizer_key]).encode())
   folder = os.path.join(os.path.expanduser(cache_dir), key.hexdigest()[:16])
-  train_files, val_files = corpus_lib.split(corpus, val_fraction)
-  budget = None if max_bytes is None else int(max_bytes * (1 - val_fraction))
-  vbudget = None if max_bytes is None else max(1, int(max_bytes * val_fraction))
   tok_path = tokenizer_path or os.path.join(folder, "tokenizer.json")
-  tok = tokenizer_lib.load_or_train(tok_path, lambda: corpus_lib.read_texts(train_files, budget), vocab_size)
+  tok = tokenizer_lib.load_or_train(tok_path, train_texts, vocab_size)
   streams = {}
-  for name, files, limit in (("train", train_files, budget), ("val", val_files, vbudget)):
+  for name, texts in (("train", train_texts), ("val", val_texts)):
     path = os.path.join(folder, f"{name}.npy")
-    if tokenizer_path is None and os.path.exists(path):
-      streams[name] = np.load(path, mmap_mode="r")
-      continue
-    streams[name] = encode(tok, corpus_lib.read_texts(files, limit))
-    if tokenizer_path is None:
+    if not os.path.exists(path):
       os.makedirs(folder, exist_ok=True)
       tmp = f"{path}.tmp{os.getpid()}.npy"
-      np.save(tmp, streams[name])
-      os.replace(tmp, path)
+      np.save(tmp, encode(tok, texts()))
+      os.replace(tmp, path)  # atomic: concurrent or killed runs never leave half a file
+    streams[name] = np.load(path, mmap_mode="r")
   return TokenisedCorpus(train=streams["train"], val=streams["val"], tokenizer_path=tok_path,
                          vocab_size=vocab_size)
+
+
+def _file_digest(path):
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
 
 
 def encode(tok, texts) -> np.ndarray:

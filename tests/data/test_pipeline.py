@@ -93,3 +93,14 @@ def test_prepare_caches_and_reuses(tmp_path):
   second = data.prepare("stdlib", 300, str(tmp_path), max_bytes=200_000)
   np.testing.assert_array_equal(first.train, second.train)
   assert first.tokenizer_path == second.tokenizer_path
+
+
+def test_hugging_face_source_without_datasets_is_a_clear_error():
+  try:
+    import datasets  # pylint: disable=import-outside-toplevel,unused-import
+    pytest.skip("datasets is installed")
+  except ImportError:
+    pass
+  _, train_texts, _ = corpus_lib.text_source("hf:some/dataset", 0.05, None)
+  with pytest.raises(ImportError, match="needs the `datasets` package"):
+    train_texts()

@@ -1,4 +1,4 @@
-r"""small: a ~100M-non-embedding-parameter decoder (D=768, L=12, GQA 12/4 heads, V=32768, T=1024) on one GPU.
+r"""small: a 126M-parameter decoder (76M non-embedding; D=768, L=12, 12/4 heads, V=32768, T=1024), one GPU.
 
   python experiments/train.py --config=experiments/configs/small.py --workdir=runs/small
 

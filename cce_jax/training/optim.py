@@ -36,15 +36,18 @@ def learning_rate(cfg: OptimConfig) -> optax.Schedule:
   decay_fraction of the steps."""
   warmup = max(0, min(cfg.warmup_steps, cfg.steps))
   floor = cfg.lr * cfg.min_lr_ratio
+  pieces, boundaries = [], []
+  if warmup:
+    pieces.append(optax.linear_schedule(0.0, cfg.lr, warmup))
+    boundaries.append(warmup)
   if cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1), max(cfg.steps, warmup + 1), floor)
-  if cfg.schedule == "wsd":
-    decay = max(1, int(cfg.steps * cfg.decay_fraction))
-    stable = max(0, cfg.steps - warmup - decay)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr),
-         optax.linear_schedule(cfg.lr, floor, decay)],
-        boundaries=[max(warmup, 1), max(warmup, 1) + stable])
+    pieces.append(optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - warmup, 1), alpha=cfg.min_lr_ratio))
+  elif cfg.schedule == "wsd":
+    decay = min(max(1, int(cfg.steps * cfg.decay_fraction)), max(cfg.steps - warmup, 1))
+    pieces += [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, floor, decay)]
+    boundaries.append(max(cfg.steps - decay, warmup))
+  if cfg.schedule in SCHEDULES:
+    return optax.join_schedules(pieces, boundaries) if boundaries else pieces[0]
   raise ValueError(f"unknown schedule {cfg.schedule!r}; choose from {SCHEDULES}")
 
 

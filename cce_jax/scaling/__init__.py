@@ -1,0 +1,8 @@
+"""Scaling-law fitting: laws, a vmapped multi-start L-BFGS fitter, bootstrap, compute-optimal allocation."""
+
+from cce_jax.scaling.fitting import FitResult as FitResult
+from cce_jax.scaling.fitting import fit as fit
+from cce_jax.scaling.laws import CHINCHILLA as CHINCHILLA
+from cce_jax.scaling.laws import CHINCHILLA_TIED as CHINCHILLA_TIED
+from cce_jax.scaling.laws import LAWS as LAWS
+from cce_jax.scaling.laws import get_law as get_law

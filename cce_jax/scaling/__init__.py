@@ -1,5 +1,7 @@
 """Scaling-law fitting: laws, a vmapped multi-start L-BFGS fitter, bootstrap, compute-optimal allocation."""
 
+from cce_jax.scaling.allocation import chinchilla_optimum as chinchilla_optimum
+from cce_jax.scaling.allocation import numeric_optimum as numeric_optimum
 from cce_jax.scaling.fitting import FitResult as FitResult
 from cce_jax.scaling.fitting import fit as fit
 from cce_jax.scaling.laws import CHINCHILLA as CHINCHILLA

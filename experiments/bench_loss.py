@@ -62,39 +62,46 @@ def run_one(shape_name, regime, methods, dtype, repeats, accuracy):
   rows = []
   for method in methods:
     if method in benchmark_torch.ANCHORS:
-      rows.append(_run_anchor(method, shape_name, regime, e, c, targets, softcap, repeats, ref, gemm_tflop))
-      continue
-    f = loss_fn(method, softcap)
-    fwd = jax.jit(f)
-    both = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+      measure = lambda with_results, m=method: benchmark_torch.measure(m, e, c, targets, softcap, repeats)
+    else:
+      measure = _jax_measure(method, softcap, e, c, targets, repeats)
     row = dict(shape=shape_name, regime=regime, method=method, n=n, d=d, v=v, softcap=softcap)
-    try:
-      temp = both.lower(e, c, targets).compile().memory_analysis().temp_size_in_bytes
-      row["fwd_ms"] = median_ms(fwd, (e, c, targets), repeats)
-      row["fwd_bwd_ms"] = median_ms(both, (e, c, targets), repeats)
-      row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
-      row["fwd_tflops"] = gemm_tflop / row["fwd_ms"] * 1e3
-      row["fwd_bwd_tflops"] = 3 * gemm_tflop / row["fwd_bwd_ms"] * 1e3
-      row["temp_mib"] = temp / 2**20
-      if ref is not None:
-        loss, (de, dc) = both(e, c, targets)
-        row.update(err_loss=rel_err(loss, ref[0]), err_de=rel_err(de, ref[1]), err_dc=rel_err(dc, ref[2]))
-    except Exception as err:  # pylint: disable=broad-except
-      row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-    print(json.dumps(row), flush=True)
-    rows.append(row)
+    rows.append(_fill_row(row, measure, gemm_tflop, ref))
   return rows
 
 
-def _run_anchor(method, shape_name, regime, e, c, targets, softcap, repeats, ref, gemm_tflop):
-  """One PyTorch anchor on the same tensors; its memory column is torch's extra peak, not XLA temporaries."""
-  n, d = e.shape
-  row = dict(shape=shape_name, regime=regime, method=method, n=n, d=d, v=c.shape[0], softcap=softcap)
+def _jax_measure(method, softcap, e, c, targets, repeats):
+  """Timing of one JAX method; its memory column is the loss + gradient program's XLA temporaries."""
+
+  def measure(with_results):
+    f = loss_fn(method, softcap)
+    fwd = jax.jit(f)
+    both = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    temp = both.lower(e, c, targets).compile().memory_analysis().temp_size_in_bytes
+    fwd_ms = median_ms(fwd, (e, c, targets), repeats)
+    fwd_bwd_ms = median_ms(both, (e, c, targets), repeats)
+    results = None
+    if with_results:
+      loss, (de, dc) = both(e, c, targets)
+      results = (loss, de, dc)
+    return fwd_ms, fwd_bwd_ms, temp / 2**20, results
+
+  return measure
+
+
+def _fill_row(row, measure, gemm_tflop, ref):
+  """Times, throughput, memory and errors of one method into `row` (or the error it raised); prints it.
+
+  measure(with_results) -> (fwd ms, fwd+bwd ms, memory MiB, (loss, dE, dC) or None). For the PyTorch anchors the
+  memory is torch's extra peak (`benchmark_torch.measure`), for JAX methods the XLA temporaries.
+  """
   try:
-    fwd_ms, fwd_bwd_ms, extra_mib, (loss, de, dc) = benchmark_torch.measure(method, e, c, targets, softcap, repeats)
-    row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, bwd_ms=fwd_bwd_ms - fwd_ms, temp_mib=extra_mib,
-               fwd_tflops=gemm_tflop / fwd_ms * 1e3, fwd_bwd_tflops=3 * gemm_tflop / fwd_bwd_ms * 1e3)
+    fwd_ms, fwd_bwd_ms, mem_mib, results = measure(ref is not None)
+    row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, bwd_ms=fwd_bwd_ms - fwd_ms,
+               fwd_tflops=gemm_tflop / fwd_ms * 1e3, fwd_bwd_tflops=3 * gemm_tflop / fwd_bwd_ms * 1e3,
+               temp_mib=mem_mib)
     if ref is not None:
+      loss, de, dc = results
       row.update(err_loss=rel_err(loss, ref[0]), err_de=rel_err(de, ref[1]), err_dc=rel_err(dc, ref[2]))
   except Exception as err:  # pylint: disable=broad-except
     row["error"] = f"{type(err).__name__}: {str(err)[:300]}"

@@ -108,15 +108,17 @@ class Batches:
       self.epoch, self.step = self.epoch + 1, 0
     ids = self._epoch_order()[self.step * self.batch_size:(self.step + 1) * self.batch_size]
     self.step += 1
-    starts = ids * self.seq_len
-    windows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1]) for s in starts]).astype(np.int32)
-    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+    return _batch(self.tokens, ids, self.seq_len)
+
+
+def _batch(tokens, sequence_ids, seq_len):
+  """{"inputs", "targets"} int32 [len(sequence_ids), seq_len]: sequence i is tokens[i·T : i·T + T + 1]."""
+  windows = np.stack([np.asarray(tokens[s:s + seq_len + 1]) for s in sequence_ids * seq_len]).astype(np.int32)
+  return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None):
   """The validation stream in order: consecutive batches, the same every time."""
   n = max(0, (len(tokens) - 1) // seq_len) // batch_size
   for b in range(n if max_batches is None else min(n, max_batches)):
-    starts = (np.arange(batch_size) + b * batch_size) * seq_len
-    windows = np.stack([np.asarray(tokens[s:s + seq_len + 1]) for s in starts]).astype(np.int32)
-    yield {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+    yield _batch(tokens, np.arange(batch_size) + b * batch_size, seq_len)

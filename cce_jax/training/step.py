@@ -25,7 +25,8 @@ from cce_jax.training.params import ParamCodec
 @dataclasses.dataclass
 class Steps:
   codec: ParamCodec
-  state: dict
+  state: dict  # the initial state, or its ShapeDtypeStructs (with shardings) when built with init=False
+  init_state: object  # () -> the initial state, placed with its shardings
   train_step: object  # (state, batch) -> (state, metrics); donates state
   eval_step: object  # (params, batch) -> (mean loss, token count)
   batch_sharding: NamedSharding
@@ -62,8 +63,9 @@ def build(mcfg: models.Config, ocfg: optim.OptimConfig, *, loss: str, fsdp: bool
   state_shardings = {"params": param_shardings, "opt_state": _opt_shardings(state_shapes["opt_state"],
                                                                             param_shardings, replicated),
                      "step": replicated}
+  init_placed = jax.jit(init_state, out_shardings=state_shardings)
   if init:
-    state = jax.jit(init_state, out_shardings=state_shardings)()
+    state = init_placed()
   else:
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes,
                          state_shardings)
@@ -82,7 +84,7 @@ def build(mcfg: models.Config, ocfg: optim.OptimConfig, *, loss: str, fsdp: bool
   train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, None), donate_argnums=0)
   eval_step = jax.jit(loss_fn, in_shardings=(param_shardings, batch_sharding))
-  return Steps(codec, state, train_step, eval_step, batch_sharding)
+  return Steps(codec, state, init_placed, train_step, eval_step, batch_sharding)
 
 
 def _opt_shardings(opt_shapes, param_shardings, replicated):

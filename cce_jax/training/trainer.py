@@ -48,9 +48,10 @@ class Run:
   cfg: object
   model_cfg: models.Config
   codec: ParamCodec
+  init_state: object
   train_step: object
   eval_step: object
-  state: dict
+  state: dict  # abstract after `setup`; arrays once `train` restores or initialises it
   batches: data_lib.Batches
   val_tokens: np.ndarray
   batch_sharding: NamedSharding
@@ -70,9 +71,11 @@ def setup(cfg, workdir: str) -> Run:
   batches = data_lib.Batches(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed)
 
   mcfg = model_config(cfg)
-  steps = step_lib.build(mcfg, optim.OptimConfig.from_config(cfg), loss=cfg.loss, fsdp=cfg.fsdp, seed=cfg.seed)
-  return Run(cfg, mcfg, steps.codec, steps.train_step, steps.eval_step, steps.state, batches, corpus.val,
-             steps.batch_sharding)
+  # Abstract state: `train` restores into it, or initialises only when there is nothing to restore.
+  steps = step_lib.build(mcfg, optim.OptimConfig.from_config(cfg), loss=cfg.loss, fsdp=cfg.fsdp, seed=cfg.seed,
+                         init=False)
+  return Run(cfg, mcfg, steps.codec, steps.init_state, steps.train_step, steps.eval_step, steps.state, batches,
+             corpus.val, steps.batch_sharding)
 
 
 def evaluate(run: Run, params) -> dict:
@@ -99,13 +102,14 @@ def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
   run = setup(cfg, workdir)
   ckpt = checkpoint_lib.Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
                                      async_save=cfg.async_checkpoints)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
-  restored = ckpt.restore_latest(abstract)
+  restored = ckpt.restore_latest(run.state)
   start = 0
   if restored is not None:
     start, run.state, data_state, _ = restored
     run.batches.restore(data_state)
     logging.info("resumed from step %d in %s", start, ckpt.directory)
+  else:
+    run.state = run.init_state()
   counts = models.param_counts(run.codec.to_model(run.state["params"]))
   meta = {"config": cfg.to_dict(), "param_counts": counts}
   logging.info("model: %s parameters (%s non-embedding); %d devices (%s), %s parameters", f"{counts['total']:,}",

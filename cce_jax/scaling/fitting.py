@@ -40,9 +40,7 @@ def check_data(law: Law, x, loss, weights=None):
   for name, arr in (("x", x), ("loss", loss)):
     if not np.isfinite(arr).all():
       raise ValueError(f"{name} contains NaN or infinite values")
-  if (x <= 0).any():
-    bad = [law.covariates[k] for k in range(x.shape[1]) if (x[:, k] <= 0).any()]
-    raise ValueError(f"covariates must be positive; non-positive values in {bad}")
+  law.validate_covariates(x)
   if (loss <= 0).any():
     raise ValueError("losses must be positive (the fit is on log L)")
   if x.shape[0] < len(law.params):

@@ -1,36 +1,12 @@
-"""Scaling laws as pure functions of (fit-space parameters, covariates), with names, published forms and grids.
-
-A `Law` predicts log-loss: fitting happens on log L (Hoffmann et al.'s procedure), so every law returns
-`log_loss(theta_P, x_NxK) -> [N]`. Parameters that must be positive are fitted as logs and reported through
-`published(theta)` under the names the papers use.
-"""
+"""Chinchilla: L(N, D) = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022), untied and tied exponents."""
 
 from __future__ import annotations
-
-import dataclasses
-import itertools
-from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-
-@dataclasses.dataclass(frozen=True)
-class Law:
-  """name; fit-space parameter names; covariate names (columns of x); log_loss(theta, x); published(theta) ->
-  {paper name: value}; grid: {fit-space name: start values} whose product is the multi-start grid."""
-
-  name: str
-  params: tuple[str, ...]
-  covariates: tuple[str, ...]
-  log_loss: Callable
-  published: Callable
-  grid: dict
-
-  def init_grid(self) -> np.ndarray:
-    """[starts, P]: the Cartesian product of the grid values, in `params` order."""
-    return np.array(list(itertools.product(*(self.grid[p] for p in self.params))), np.float64)
+from cce_jax.scaling.laws.base import Law
 
 
 def _chinchilla_log_loss(theta, x, tied):
@@ -66,10 +42,3 @@ CHINCHILLA_TIED = Law(
     grid={k: v for k, v in _CHINCHILLA_GRID.items() if k != "beta"})
 """Chinchilla with one exponent for parameters and data (alpha = beta)."""
 
-LAWS = {law.name: law for law in (CHINCHILLA, CHINCHILLA_TIED)}
-
-
-def get_law(name: str) -> Law:
-  if name not in LAWS:
-    raise ValueError(f"unknown law {name!r}; choose from {sorted(LAWS)}")
-  return LAWS[name]

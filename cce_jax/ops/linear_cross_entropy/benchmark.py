@@ -6,6 +6,7 @@ median device time with blocking, relative L2 errors against the fp32 reference.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cce_jax.ops.linear_cross_entropy.api import linear_cross_entropy
+from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 
 SHAPES = {  # name: (N, D, V, softcap)
     "gemma2_2b": (8192, 2304, 256000, 30.0),
@@ -55,8 +57,15 @@ def naive_loss(e, c, targets, softcap):
 def loss_fn(method, softcap):
   if method == "naive":
     return lambda e, c, t: naive_loss(e, c, t, softcap)
+  if method == "pallas_gpu_sparse":  # filtered, always through the tile-skipping kernel
+    def sparse(e, c, t):
+      cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap)
+      return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu",
+                                  config=dataclasses.replace(cfg, dense_backward_above=1.0))
+    return sparse
   kw = {"reference": dict(implementation="reference"), "xla_chunked": dict(implementation="xla_chunked"),
         "pallas_gpu": dict(implementation="pallas_gpu"),
+        "pallas_gpu_full": dict(implementation="pallas_gpu", filter_eps=None),
         "pallas_gpu_exact": dict(implementation="pallas_gpu", exact=True)}[method]
   return lambda e, c, t: linear_cross_entropy(e, c, t, softcap=softcap, **kw)
 

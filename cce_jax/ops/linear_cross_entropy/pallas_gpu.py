@@ -8,9 +8,16 @@ split of the vocabulary, walks it `block_v` columns at a time, builds each [bloc
 over D in `block_d` chunks (fp32 accumulation) and keeps an online log-sum-exp; the splits are merged in XLA.
 Splitting the vocabulary keeps the GPU full when N / block_n is small.
 
-Backward (`cce_bwd`): grid (token tiles, vocabulary tiles). A program recomputes its logit tile, forms dZ and, if
-the tile survives gradient filtering, adds dZ @ c into dE and dZ.T @ e into dC with fp32 atomics, D chunk by
-D chunk (relaxed-order atomics, `triton_atomics`). With `exact=True` the backward is the deterministic blockwise XLA one (no atomics).
+Backward. Without filtering (`filter_eps=None`) and with `exact=True` it is the blockwise XLA backward: dense
+GEMMs over large blocks, no atomics, deterministic. With filtering the forward also writes each logit tile's
+maximum ([N tiles, V tiles], fp32), which bounds every softmax entry of the tile by exp(tile max - the smallest
+LSE of its rows); the backward turns that into a keep mask (tiles holding a live row's target always kept) and
+- when at most `dense_backward_above` of the tiles are kept, runs `cce_bwd`: grid (token tiles, vocabulary
+  tiles); a masked-out tile returns at once, a kept one recomputes its logits, forms dZ and, unless
+  |softmax - onehot| < filter_eps on the whole tile, adds dZ @ c into dE and dZ.T @ e into dC with fp32
+  atomics, D chunk by D chunk (relaxed-order atomics, `triton_atomics`);
+- otherwise runs the dense XLA backward (with the same tile filter), which is faster than atomics when most
+  tiles are kept. The choice is made on the device (`lax.cond`).
 
 Triton needs power-of-2 block shapes; the dimensions need not be multiples of them: a block that would run past
 the end of an array is moved back to end at the edge and its already-covered rows/columns are masked, so no
@@ -112,7 +119,8 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
   e_ref, c_ref = refs.pop(0), refs.pop(0)
   b_ref = refs.pop(0) if has_bias else None
   t_ref = refs.pop(0)
-  m_ref, l_ref, st_ref, sum_ref, w_ref = refs
+  m_ref, l_ref, st_ref, sum_ref, w_ref = refs[:5]
+  tmax_ref = refs[5] if len(refs) > 5 else None
 
   i, j = pl.program_id(0), pl.program_id(1)
   n_start = jnp.minimum(i * bn, n - bn)
@@ -132,7 +140,10 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
       z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
     s, _ = xla_chunked.transform(z, st_spec)
     s_ok = jnp.where(col_ok, s, 0.0)
-    m_new = jnp.maximum(m, jnp.max(jnp.where(col_ok, s, -jnp.inf), axis=1))
+    row_max = jnp.max(jnp.where(col_ok, s, -jnp.inf), axis=1)
+    if tmax_ref is not None:  # the tile's largest logit, for the backward's skip mask
+      tmax_ref[i, v_first // bv] = jnp.max(row_max)
+    m_new = jnp.maximum(m, row_max)
     rescale = jnp.exp(m - m_new)
     p = jnp.where(col_ok, jnp.exp(s - m_new[:, None]), 0.0)
     l = l * rescale + jnp.sum(p, axis=1)
@@ -189,13 +200,17 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
   splits = pl.cdiv(v, v_per_split)
   part = jax.ShapeDtypeStruct((splits, n), xla_chunked.acc_dtype(e_ND.dtype, c_VD.dtype))
   args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + [targets_N.astype(jnp.int32)]
-  m, l, st, ssum, w = pl.pallas_call(
+  with_tmax = spec.stats.filter_eps is not None and not spec.stats.exact
+  out_shape = [part] * 5
+  if with_tmax:
+    out_shape.append(jax.ShapeDtypeStruct((pl.cdiv(n, cfg.block_n), pl.cdiv(v, cfg.block_v)), part.dtype))
+  m, l, st, ssum, w, *tmax = pl.pallas_call(
       functools.partial(_fwd_kernel, spec=spec, n=n, v=v, d=d, v_per_split=v_per_split,
                         has_bias=bias_V is not None),
       grid=(pl.cdiv(n, cfg.block_n), splits),
       in_specs=[pl.no_block_spec] * len(args),
-      out_specs=[pl.no_block_spec] * 5,
-      out_shape=[part] * 5,
+      out_specs=[pl.no_block_spec] * len(out_shape),
+      out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=spec.interpret,
       name="cce_fwd",
@@ -207,7 +222,7 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
   lse = m_max + jnp.log(l_sum)
   mean = jnp.sum(w * scale, axis=0) / l_sum if spec.stats.with_mean else jnp.zeros_like(lse)
   out = (lse, jnp.sum(st, axis=0), jnp.sum(ssum, axis=0), mean)
-  return out, (e_ND, c_VD, bias_V, targets_N, lse, mean)
+  return out, (e_ND, c_VD, bias_V, targets_N, lse, mean, tmax[0] if tmax else None)
 
 
 def _bwd_kernel(*refs, spec, n, v, d, has_bias):
@@ -218,6 +233,7 @@ def _bwd_kernel(*refs, spec, n, v, d, has_bias):
   b_ref = refs.pop(0) if has_bias else None
   t_ref, lse_ref, mean_ref, g_lse_ref, g_st_ref, g_sum_ref, g_mean_ref, inv_r_ref = refs[:8]
   refs = refs[8:]
+  keep_ref = refs.pop(0) if st_spec.filter_eps is not None else None
   n_in = len(refs) // 2  # the zero-initialised accumulators come in aliased to the outputs
   de_ref, dc_ref = refs[n_in], refs[n_in + 1]
   db_ref = refs[n_in + 2] if has_bias else None
@@ -229,60 +245,109 @@ def _bwd_kernel(*refs, spec, n, v, d, has_bias):
   rows, cols = n_start + jnp.arange(bn), v_start + jnp.arange(bv)
   row_vec = lambda ref: ref[rows_blk][:, None]
 
-  z = _logit_tile(e_ref, c_ref, n_start, v_start, bn=bn, bv=bv, bd=bd, d=d, precision=_precision(st_spec))
-  if b_ref is not None:
-    z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
-  s, dsdz = xla_chunked.transform(z, st_spec)
-  ds = xla_chunked.tile_dlogits(s, cols, row_vec(t_ref), row_vec(lse_ref), row_vec(mean_ref), row_vec(g_lse_ref),
-                                row_vec(g_st_ref), row_vec(g_sum_ref), row_vec(g_mean_ref), st_spec)
-  live = ((rows >= n_first)[:, None] & (cols >= v_first)[None, :])
-  live = live & ((row_vec(inv_r_ref) != 0) | (row_vec(g_sum_ref) != 0))
-  ds = jnp.where(live, ds, 0.0)
-  dz = ds * dsdz
-  compute = jnp.result_type(e_ref.dtype, c_ref.dtype)
-  dz_mm = dz.astype(compute)
+  def tile():
+    z = _logit_tile(e_ref, c_ref, n_start, v_start, bn=bn, bv=bv, bd=bd, d=d, precision=_precision(st_spec))
+    if b_ref is not None:
+      z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
+    s, dsdz = xla_chunked.transform(z, st_spec)
+    ds = xla_chunked.tile_dlogits(s, cols, row_vec(t_ref), row_vec(lse_ref), row_vec(mean_ref),
+                                  row_vec(g_lse_ref), row_vec(g_st_ref), row_vec(g_sum_ref), row_vec(g_mean_ref),
+                                  st_spec)
+    live = ((rows >= n_first)[:, None] & (cols >= v_first)[None, :])
+    live = live & ((row_vec(inv_r_ref) != 0) | (row_vec(g_sum_ref) != 0))
+    ds = jnp.where(live, ds, 0.0)
+    dz = ds * dsdz
+    compute = jnp.result_type(e_ref.dtype, c_ref.dtype)
+    dz_mm = dz.astype(compute)
 
-  def accumulate():
-    def body(k, carry):
-      d_first = k * bd
-      d_start = jnp.minimum(d_first, d - bd)
-      dcols = pl.ds(d_start, bd)
-      c_blk = c_ref[pl.ds(v_start, bv), dcols].astype(compute)
-      e_blk = e_ref[rows_blk, dcols].astype(compute)
-      de = lax.dot_general(dz_mm, c_blk, (((1,), (0,)), ((), ())), preferred_element_type=z.dtype,
-                           precision=_precision(st_spec))
-      dc = lax.dot_general(dz_mm, e_blk, (((0,), (0,)), ((), ())), preferred_element_type=z.dtype,
-                           precision=_precision(st_spec))
-      if d % bd:
-        fresh = (d_start + jnp.arange(bd) >= d_first)[None, :]
-        de, dc = jnp.where(fresh, de, 0.0), jnp.where(fresh, dc, 0.0)
-      _atomic_add(de_ref, (rows_blk, dcols), de)
-      _atomic_add(dc_ref, (pl.ds(v_start, bv), dcols), dc)
-      return carry
+    def accumulate():
+      def body(k, carry):
+        d_first = k * bd
+        d_start = jnp.minimum(d_first, d - bd)
+        dcols = pl.ds(d_start, bd)
+        c_blk = c_ref[pl.ds(v_start, bv), dcols].astype(compute)
+        e_blk = e_ref[rows_blk, dcols].astype(compute)
+        de = lax.dot_general(dz_mm, c_blk, (((1,), (0,)), ((), ())), preferred_element_type=z.dtype,
+                             precision=_precision(st_spec))
+        dc = lax.dot_general(dz_mm, e_blk, (((0,), (0,)), ((), ())), preferred_element_type=z.dtype,
+                             precision=_precision(st_spec))
+        if d % bd:
+          fresh = (d_start + jnp.arange(bd) >= d_first)[None, :]
+          de, dc = jnp.where(fresh, de, 0.0), jnp.where(fresh, dc, 0.0)
+        _atomic_add(de_ref, (rows_blk, dcols), de)
+        _atomic_add(dc_ref, (pl.ds(v_start, bv), dcols), dc)
+        return carry
 
-    lax.fori_loop(jnp.int32(0), jnp.int32(pl.cdiv(d, bd)), body, 0)
-    if db_ref is not None:
-      _atomic_add(db_ref, (pl.ds(v_start, bv),), jnp.sum(dz, axis=0))
+      lax.fori_loop(jnp.int32(0), jnp.int32(pl.cdiv(d, bd)), body, 0)
+      if db_ref is not None:
+        _atomic_add(db_ref, (pl.ds(v_start, bv),), jnp.sum(dz, axis=0))
 
-  if st_spec.filter_eps is None:
-    accumulate()
-  else:
-    # |dS| / max(|g_lse|, |g_target|, |g_mean|) is |softmax - onehot| for the cross-entropy.
-    keep = jnp.max(jnp.abs(ds) * row_vec(inv_r_ref)) >= st_spec.filter_eps
-    keep = keep | jnp.isnan(jnp.sum(ds))
-    pl.when(keep)(accumulate)
+    if st_spec.filter_eps is None:
+      accumulate()
+    else:
+      # |dS| / max(|g_lse|, |g_target|, |g_mean|) is |softmax - onehot| for the cross-entropy.
+      keep = jnp.max(jnp.abs(ds) * row_vec(inv_r_ref)) >= st_spec.filter_eps
+      keep = keep | jnp.isnan(jnp.sum(ds))
+      pl.when(keep)(accumulate)
+
+  if keep_ref is None:
+    tile()
+  else:  # tiles that the forward's bound rules out skip everything, the logit recompute included
+    pl.when(keep_ref[i, j] != 0)(tile)
+
+
+def _dense_bwd(spec, residuals, cotangents):
+  """The blockwise XLA backward (dense GEMMs, no atomics; deterministic): exact mode, no filtering, or filtering
+  that would keep most tiles."""
+  e_ND, c_VD = residuals[0], residuals[1]
+  n, v = e_ND.shape[0], c_VD.shape[0]
+  xla_spec = dataclasses.replace(spec.stats, config=spec.config.exact_backward_tiles(n, v))
+  return xla_chunked.stats_backward(xla_spec, residuals[:6], cotangents)
+
+
+def _tile_keep_mask(spec, tmax, targets_N, lse, inv_r):
+  """[N tiles, V tiles] int32: 0 where no softmax entry of the tile can reach filter_eps and no live row's target
+  falls in it (the kernel then skips the tile outright), else 1.
+
+  A bound, never tighter than the kernel's own test: p = exp(s - lse_r) <= exp(tile max - min over the tile's live
+  rows of lse_r). NaN anywhere in a tile keeps it, so NaN reaches the gradients."""
+  cfg = spec.config
+  n = lse.shape[0]
+  n_tiles, v_tiles = tmax.shape
+  live = inv_r != 0
+  tile_of_row = jnp.arange(n) // cfg.block_n
+  min_lse = jax.ops.segment_min(jnp.where(live, lse, jnp.inf), tile_of_row, num_segments=n_tiles)
+  bad = jax.ops.segment_max((jnp.isnan(lse) | jnp.isnan(inv_r)).astype(jnp.int32), tile_of_row,
+                            num_segments=n_tiles)
+  keep = ~(tmax - min_lse[:, None] < jnp.log(spec.stats.filter_eps)) | (bad[:, None] != 0)
+  target_tile = jnp.clip(targets_N.astype(jnp.int32) // cfg.block_v, 0, v_tiles - 1)
+  has_target = jnp.zeros((n_tiles, v_tiles), jnp.bool_).at[tile_of_row, target_tile].max(live)
+  return (keep | has_target).astype(jnp.int32)
 
 
 def _stats_bwd(spec, residuals, cotangents):
   st_spec = spec.stats
-  if st_spec.exact:  # deterministic: the blockwise XLA backward, no atomics
-    e_ND, c_VD = residuals[0], residuals[1]
-    n, v = e_ND.shape[0], c_VD.shape[0]
-    xla_spec = dataclasses.replace(st_spec, config=spec.config.exact_backward_tiles(n, v))
-    return xla_chunked.stats_backward(xla_spec, residuals, cotangents)
-  e_ND, c_VD, bias_V, targets_N, lse, mean = residuals
-  acc = lse.dtype
+  if st_spec.exact or st_spec.filter_eps is None:
+    return _dense_bwd(spec, residuals, cotangents)
+  e_ND, c_VD, bias_V, targets_N, lse, mean, tmax = residuals
   (g_lse, g_st, g_sum, g_mean), inv_r = xla_chunked.backward_cotangents(st_spec, residuals, cotangents)
+  keep = _tile_keep_mask(spec, tmax, targets_N, lse, inv_r)
+  sparse = lambda: _sparse_bwd(spec, residuals, (g_lse, g_st, g_sum, g_mean), inv_r, keep)
+  threshold = spec.config.dense_backward_above
+  if threshold >= 1.0:
+    return sparse()
+  if threshold <= 0.0:
+    return _dense_bwd(spec, residuals, cotangents)
+  return lax.cond(jnp.mean(keep.astype(jnp.float32)) > threshold, lambda: _dense_bwd(spec, residuals, cotangents),
+                  sparse)
+
+
+def _sparse_bwd(spec, residuals, row_cotangents, inv_r, keep):
+  """The tile-skipping kernel: kept tiles add their gradients with fp32 atomics."""
+  st_spec = spec.stats
+  e_ND, c_VD, bias_V, targets_N, lse, mean, _ = residuals
+  g_lse, g_st, g_sum, g_mean = row_cotangents
+  acc = lse.dtype
   n, d = e_ND.shape
   v = c_VD.shape[0]
   cfg = spec.config
@@ -291,7 +356,7 @@ def _stats_bwd(spec, residuals, cotangents):
   if has_bias:
     accumulators.append(jnp.zeros((v,), acc))
   args = ([e_ND, c_VD] + ([bias_V] if has_bias else [])
-          + [targets_N.astype(jnp.int32), lse, mean, g_lse, g_st, g_sum, g_mean, inv_r] + accumulators)
+          + [targets_N.astype(jnp.int32), lse, mean, g_lse, g_st, g_sum, g_mean, inv_r, keep] + accumulators)
   first_acc = len(args) - len(accumulators)
   grads = pl.pallas_call(
       functools.partial(_bwd_kernel, spec=spec, n=n, v=v, d=d, has_bias=has_bias),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import cce_jax
 from cce_jax import PallasGpuConfig
+from cce_jax.ops.linear_cross_entropy import pallas_gpu
 from tests.ops.linear_cross_entropy import helpers
 from tests.ops.linear_cross_entropy.test_base import LinearCrossEntropyTestBase
 
@@ -23,7 +25,62 @@ class TestPallasGpuInterpret(LinearCrossEntropyTestBase):
   """Small power-of-2 tiles that divide none of the odd test shapes, and several vocabulary splits."""
 
   implementation = "pallas_gpu"
-  extra = {"config": PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=3), "interpret": True}
+  # dense_backward_above=1: the filtered backward always takes the tile-skipping kernel (the dense one is XLA's).
+  extra = {"config": PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=3, dense_backward_above=1.0),
+           "interpret": True}
+
+
+def _tile_filtered_grads(e, c, targets, eps, bn, bv):
+  """jnp gradients of the mean cross-entropy with every (bn, bv) tile whose |softmax - onehot| < eps dropped."""
+  e32, c32 = e.astype(jnp.float32), c.astype(jnp.float32)
+  n, v = e.shape[0], c.shape[0]
+  ds = jax.nn.softmax(e32 @ c32.T, axis=-1) - jax.nn.one_hot(targets, v)
+  pad = (-n % bn, -v % bv)
+  tiles = jnp.pad(jnp.abs(ds), ((0, pad[0]), (0, pad[1]))).reshape(-1, bn, (v + pad[1]) // bv, bv)
+  keep = jnp.repeat(jnp.repeat(tiles.max(axis=(1, 3)) >= eps, bn, 0), bv, 1)[:n, :v]
+  ds = jnp.where(keep, ds, 0.0) / n
+  return ds @ c32, ds.T @ e32, keep.mean()
+
+
+@pytest.mark.parametrize("threshold,expect", [(0.0, "full"), (0.02, "full"), (0.9, "tiles"), (1.0, "tiles")])
+def test_filtered_backward_paths(threshold, expect):
+  """The tile-skipping kernel gives the tile-filtered gradient, the dense GEMMs the full one; in between the
+  runtime choice follows the fraction of tiles the bound keeps (here between 0.02 and 0.9)."""
+  e, c, targets, _ = helpers.make_inputs(40, (96,), 128, 1000, regime="peaked")
+  e, c = (e + 2.0 * c[targets]).astype(jnp.bfloat16), c.astype(jnp.bfloat16)  # most tiles fall below eps
+  cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=2, dense_backward_above=threshold)
+  loss = lambda impl, **kw: lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, implementation=impl, **kw)
+  grads = jax.grad(loss("pallas_gpu", config=cfg, interpret=True), argnums=(0, 1))(e, c)
+  full = jax.grad(loss("reference"), argnums=(0, 1))(e.astype(jnp.float32), c.astype(jnp.float32))
+  de, dc, kept = _tile_filtered_grads(e, c, targets, 2.0 ** -12, 16, 64)
+  assert 0.02 < kept < 0.9
+  assert helpers.rel_err(de, full[0]) > 0.1  # the filter matters here
+  for g, r in zip(grads, full if expect == "full" else (de, dc)):
+    assert helpers.rel_err(g, r) < 2e-2
+
+
+def test_tile_keep_mask_bounds_the_kernel_test():
+  """Every tile with a softmax entry >= filter_eps, or a live row's target, is kept; peaked inputs skip most."""
+  e, c, targets, _ = helpers.make_inputs(41, (200,), 128, 2000, regime="peaked")
+  e = e + 2.0 * c[targets]  # more confident still: most tiles fall below eps
+  targets = targets.at[5].set(-100)
+  cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=2)
+  eps = 2.0 ** -12
+  spec = pallas_gpu._spec(None, 1.0, False, False, cfg, False, eps, True)
+  (lse, *_), residuals = pallas_gpu._stats_fwd(spec, e, c, None, targets)
+  valid = targets != -100
+  keep = np.asarray(pallas_gpu._tile_keep_mask(spec, residuals[-1], jnp.where(valid, targets, 0), lse,
+                                               valid.astype(jnp.float32)))
+  p = np.array(jax.nn.softmax(e @ c.T, axis=-1))
+  p[np.arange(200), np.asarray(targets)] = 1.0  # a target's tile is always computed
+  p[~np.asarray(valid)] = 0.0
+  n_tiles, v_tiles = keep.shape
+  need = np.zeros_like(keep)
+  for i in range(n_tiles):
+    for j in range(v_tiles):
+      need[i, j] = p[i * 16:(i + 1) * 16, j * 64:(j + 1) * 64].max() >= eps
+  assert (keep >= need).all()
+  assert need.mean() < keep.mean() < 0.7
 
 
 @pytest.mark.parametrize("flat_loop", [False, True])

@@ -24,9 +24,13 @@ import numpy as np
 from cce_jax import models
 from cce_jax.training import optim
 from cce_jax.training import step as step_lib
+from cce_jax.training import trainer
 
 _VOCAB = flags.DEFINE_list("vocab", ["128256", "256000"], "Vocabulary sizes.")
-_LOSSES = flags.DEFINE_list("losses", ["auto", "naive"], f"Loss implementations from {models.LOSS_IMPLEMENTATIONS}.")
+_LOSSES = flags.DEFINE_list(
+    "losses", ["auto", "naive"], f"Loss implementations from {models.LOSS_IMPLEMENTATIONS}, optionally with the "
+    f"fused loss's gradient mode after a colon (one of {sorted(trainer.LOSS_GRADIENTS)}; default filtered), e.g. "
+    "auto:exact.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step for the throughput comparison.")
 _SEQ = flags.DEFINE_integer("seq_len", 1024, "Tokens per sequence.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -53,8 +57,15 @@ def _compiled_bytes(steps, b, v):
   return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
 
 
+def _build(mcfg, loss, init=True):
+  """loss: "IMPLEMENTATION[:GRADIENT]"."""
+  implementation, _, gradient = loss.partition(":")
+  return step_lib.build(mcfg, optim.OptimConfig(steps=100), loss=implementation, init=init,
+                        loss_options=trainer.LOSS_GRADIENTS[gradient or "filtered"])
+
+
 def max_batch(mcfg, loss, limit_bytes):
-  steps = step_lib.build(mcfg, optim.OptimConfig(steps=100), loss=loss, init=False)
+  steps = _build(mcfg, loss, init=False)
   fits = lambda b: _compiled_bytes(steps, b, mcfg.V) <= limit_bytes
   lo, hi = 0, _BATCH.value
   while hi <= _MAX_BATCH.value and fits(hi):
@@ -71,7 +82,7 @@ def run_one(v, loss, device):
   mcfg = _model_config(v)
   row = dict(vocab=v, loss=loss, batch=_BATCH.value, seq_len=_SEQ.value)
   try:
-    steps = step_lib.build(mcfg, optim.OptimConfig(steps=100), loss=loss)
+    steps = _build(mcfg, loss)
     counts = models.param_counts(steps.codec.to_model(steps.state["params"]))
     row.update(params=counts["total"], non_embedding=counts["non_embedding"])
     batch = _batch(_BATCH.value, v)

@@ -36,7 +36,7 @@ def dump(workdir: str, out: str, tokens: int) -> dict:
     # The run's config comes from its checkpoint; build its state's structure to restore into.
     cfg = ml_collections.ConfigDict(ckpt.latest_meta()["config"])
     steps = step_lib.build(trainer.model_config(cfg), optim.OptimConfig.from_config(cfg), loss=cfg.loss,
-                           seed=cfg.seed, init=False)
+                           seed=cfg.seed, init=False, loss_options=trainer.loss_options(cfg))
     step, state, _, _ = ckpt.restore_latest(steps.state)
   finally:
     ckpt.close()

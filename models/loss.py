@@ -10,12 +10,14 @@ import cce_jax
 LOSS_IMPLEMENTATIONS = ("auto", "pallas_gpu", "xla_chunked", "reference", "naive")
 
 
-def lm_loss(model, inputs_BxT, targets_BxT, *, implementation="auto", ignore_index=-100):
+def lm_loss(model, inputs_BxT, targets_BxT, *, implementation="auto", ignore_index=-100, filter_eps="auto",
+            exact=False):
   """Mean cross-entropy (fp32) over the targets that are not `ignore_index`, and the token count.
 
   implementation: "naive" materialises the [B, T, V] logits (fp32 log-softmax) as a hand-written baseline would;
   every other value is passed to `cce_jax.linear_cross_entropy` ("auto": Pallas on NVIDIA GPUs, else blockwise
-  XLA).
+  XLA). filter_eps and exact are the fused loss's gradient-filtering and exact-mode switches (ignored by
+  "naive").
   """
   if implementation not in LOSS_IMPLEMENTATIONS:
     raise ValueError(f"unknown loss implementation {implementation!r}; choose from {LOSS_IMPLEMENTATIONS}")
@@ -31,6 +33,6 @@ def lm_loss(model, inputs_BxT, targets_BxT, *, implementation="auto", ignore_ind
     loss = jnp.sum(jnp.where(valid_BxT, nll_BxT, 0.0)) / jnp.maximum(count, 1)
   else:
     loss = cce_jax.linear_cross_entropy(hidden_BxTxD, c_VxD, targets_BxT, ignore_index=ignore_index,
-                                        implementation=implementation)
+                                        implementation=implementation, filter_eps=filter_eps, exact=exact)
   return loss, count
 

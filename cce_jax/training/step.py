@@ -42,8 +42,10 @@ def _param_spec(shape, n_devices, fsdp):
 
 
 def build(mcfg: models.Config, ocfg: optim.OptimConfig, *, loss: str, fsdp: bool = False, seed: int = 0,
-          init: bool = True) -> Steps:
-  """The steps and (if init) the initial state; with init=False `state` holds ShapeDtypeStructs only."""
+          init: bool = True, loss_options: dict | None = None) -> Steps:
+  """The steps and (if init) the initial state; with init=False `state` holds ShapeDtypeStructs only.
+
+  loss_options: keyword arguments for `models.lm_loss` (filter_eps, exact)."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
@@ -71,7 +73,8 @@ def build(mcfg: models.Config, ocfg: optim.OptimConfig, *, loss: str, fsdp: bool
                          state_shardings)
 
   def loss_fn(params, batch):
-    return models.lm_loss(codec.to_model(params), batch["inputs"], batch["targets"], implementation=loss)
+    return models.lm_loss(codec.to_model(params), batch["inputs"], batch["targets"], implementation=loss,
+                          **(loss_options or {}))
 
   def train_step(state, batch):
     (loss_value, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)

@@ -73,9 +73,21 @@ def setup(cfg, workdir: str) -> Run:
   mcfg = model_config(cfg)
   # Abstract state: `train` restores into it, or initialises only when there is nothing to restore.
   steps = step_lib.build(mcfg, optim.OptimConfig.from_config(cfg), loss=cfg.loss, fsdp=cfg.fsdp, seed=cfg.seed,
-                         init=False)
+                         init=False, loss_options=loss_options(cfg))
   return Run(cfg, mcfg, steps.codec, steps.init_state, steps.train_step, steps.eval_step, steps.state, batches,
              corpus.val, steps.batch_sharding)
+
+
+LOSS_GRADIENTS = {"filtered": {}, "full": {"filter_eps": None}, "exact": {"exact": True}}
+
+
+def loss_options(cfg) -> dict:
+  """lm_loss keyword arguments for cfg.loss_gradient (configs saved before that field existed trained
+  "filtered")."""
+  mode = cfg.get("loss_gradient", "filtered")
+  if mode not in LOSS_GRADIENTS:
+    raise ValueError(f"config.loss_gradient must be one of {sorted(LOSS_GRADIENTS)}, got {mode!r}")
+  return LOSS_GRADIENTS[mode]
 
 
 def evaluate(run: Run, params) -> dict:

@@ -81,6 +81,19 @@ def test_fused_loss_matches_naive_on_the_model(tie):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
 
+def test_loss_options_reach_the_fused_loss():
+  model = models.make_model(models.Config(**SMALL), seed=6)
+  tokens = _tokens(model.cfg, seed=8)
+
+  def head_grad(**kw):
+    grads = nnx.grad(lambda m: models.lm_loss(m, tokens, tokens, implementation="xla_chunked", **kw)[0])(model)
+    return np.asarray(grads.head[...])
+
+  # filter_eps=2 drops every tile (|softmax - onehot| <= 1); exact keeps them all.
+  np.testing.assert_array_equal(head_grad(filter_eps=2.0), 0.0)
+  assert np.abs(head_grad(exact=True)).max() > 0
+
+
 def test_tied_classifier_is_the_embedding():
   model = models.make_model(models.Config(**SMALL, tie_embeddings=True))
   np.testing.assert_array_equal(model.classifier(), model.embed[...])

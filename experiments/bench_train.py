@@ -66,7 +66,15 @@ def _build(mcfg, loss, init=True):
 
 def max_batch(mcfg, loss, limit_bytes):
   steps = _build(mcfg, loss, init=False)
-  fits = lambda b: _compiled_bytes(steps, b, mcfg.V) <= limit_bytes
+
+  def fits(b):
+    try:
+      return _compiled_bytes(steps, b, mcfg.V) <= limit_bytes
+    except jax.errors.JaxRuntimeError as err:  # the compiler's autotuner ran out of memory: it does not fit
+      if "RESOURCE_EXHAUSTED" in str(err):
+        return False
+      raise
+
   lo, hi = 0, _BATCH.value
   while hi <= _MAX_BATCH.value and fits(hi):
     lo, hi = hi, hi * 2

@@ -6,6 +6,12 @@ r"""Trains a decoder LM with the fused loss; resumes from --workdir automaticall
 Writes {workdir}/checkpoints (Orbax, async, keep-N, with the data-iterator state), {workdir}/metrics/metrics.jsonl
 (+ TensorBoard events when the `tensorboard` package is installed), {workdir}/plots/loss.png and the run's
 tokenizer. Each preset's docstring gives its hardware, time and expected loss.
+
+Several processes (hosts) train one run through JAX's multi-controller runtime: start the same command in every
+process with --distributed (cluster environments such as SLURM, TPU VMs or Kubernetes with a coordinator are
+detected by `jax.distributed.initialize`) or with --coordinator_address=HOST:PORT --num_processes=P
+--process_id=I. The mesh then spans every process's devices, each process feeds its rows of the global batch, and
+process 0 writes the metrics; --workdir must be the same shared directory for all.
 """
 
 from __future__ import annotations
@@ -17,11 +23,18 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import jax
+
 from cce_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file from experiments/configs/.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds checkpoints).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Initialise JAX's multi-process runtime (cluster "
+                                  "auto-detection unless --coordinator_address is given).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,8 +45,23 @@ class _QuietOrbax(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
 
 
+def _initialize_distributed():
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not _DISTRIBUTED.value and all(v is None for v in explicit):
+    return
+  if any(v is None for v in explicit) and any(v is not None for v in explicit):
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+  # CPU processes need a collectives library for cross-process reductions (GPUs and TPUs bring their own).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit[0] is None:
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=explicit[0], num_processes=explicit[1], process_id=explicit[2])
+
+
 def main(argv):
   del argv
+  _initialize_distributed()
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietOrbax())
   record = trainer.train(_CONFIG.value, _WORKDIR.value)

@@ -9,9 +9,15 @@ import time
 
 
 class MetricsWriter:
-  """Appends records {"step", ...} to metrics.jsonl (a resumed run drops records past its restored step)."""
+  """Appends records {"step", ...} to metrics.jsonl (a resumed run drops records past its restored step).
 
-  def __init__(self, workdir: str, *, resume_step: int | None = None):
+  enabled=False (every process but the first of a multi-process run) makes it a no-op, so that one file has one
+  writer."""
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     self.folder = os.path.join(workdir, "metrics")
     os.makedirs(self.folder, exist_ok=True)
     self.path = os.path.join(self.folder, "metrics.jsonl")
@@ -28,6 +34,8 @@ class MetricsWriter:
       f.writelines(kept)
 
   def write(self, record: dict):
+    if not self.enabled:
+      return
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -36,6 +44,8 @@ class MetricsWriter:
           self._tb.scalar(key, value, record["step"])
 
   def close(self):
+    if not self.enabled:
+      return
     self._file.close()
     if self._tb is not None:
       self._tb.close()

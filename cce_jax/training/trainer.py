@@ -124,10 +124,11 @@ def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
     run.state = run.init_state()
   counts = models.param_counts(run.codec.to_model(run.state["params"]))
   meta = {"config": cfg.to_dict(), "param_counts": counts}
-  logging.info("model: %s parameters (%s non-embedding); %d devices (%s), %s parameters", f"{counts['total']:,}",
-               f"{counts['non_embedding']:,}", jax.device_count(), jax.devices()[0].device_kind,
+  logging.info("model: %s parameters (%s non-embedding); %d devices (%s) in %d process(es), %s parameters",
+               f"{counts['total']:,}", f"{counts['non_embedding']:,}", jax.device_count(),
+               jax.devices()[0].device_kind, jax.process_count(),
                "sharded (fsdp)" if cfg.fsdp else "replicated")
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
   record, last_log, t_prev = {}, time.time(), time.time()
   try:
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,3 +88,23 @@ def test_eight_simulated_devices_match_one(cache, reference, tmp_path):
   assert sorted(eight) == sorted(reference)
   for step, loss in reference.items():
     assert eight[step] == pytest.approx(loss, rel=2e-4, abs=2e-4), step
+
+
+def test_two_processes_match_one_with_two_devices(cache, tmp_path):
+  """JAX's multi-controller runtime on CPU (gloo): 2 processes × 1 device train like 1 process × 2 devices."""
+  two_devices = tmp_path / "two_devices"
+  subprocess.run(_command(two_devices, cache, steps=12), env=_env(devices=2), check=True, capture_output=True)
+  workdir = tmp_path / "two_processes"
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(_command(workdir, cache, steps=12) + [
+      f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  assert "2 devices (cpu) in 2 process(es)" in outs[0]
+  single, multi = _losses(two_devices), _losses(workdir)
+  assert sorted(multi) == list(range(1, 13))  # one writer: each step once
+  for step, loss in single.items():
+    assert multi[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step

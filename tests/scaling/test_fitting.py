@@ -13,6 +13,7 @@ import pytest
 from cce_jax import scaling
 from cce_jax.scaling import data
 from cce_jax.scaling import fitting
+from cce_jax.scaling import batched_lbfgs as lbfgs_lib
 
 EPOCH_CSV = (pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "scaling" /
              "epoch_chinchilla_replication" / "svg_extracted_data.csv")
@@ -92,10 +93,10 @@ def _rosenbrock(theta, scale):
 def test_lbfgs_minimises_every_start_with_its_own_arguments():
   starts = np.array([[-1.2, 1.0], [2.0, -1.0], [0.0, 0.0], [-0.5, 3.0]])
   scales = np.array([1.0, 2.0, 0.5, 3.0])  # per start; the minimum is (1, 1) for every scale
-  out = fitting.lbfgs(_rosenbrock, starts, (scales,), per_start=(True,), gtol=1e-8, keep=None)
+  out = lbfgs_lib.lbfgs(_rosenbrock, starts, (scales,), per_start=(True,), gtol=1e-8, keep=None)
   assert out.theta.shape == (4, 2) and out.theta.dtype == np.float64
   assert out.value.shape == out.grad_norm.shape == out.iterations.shape == out.status.shape == (4,)
-  assert (out.status == fitting.CONVERGED).all()
+  assert (out.status == lbfgs_lib.CONVERGED).all()
   assert (out.grad_norm <= 1e-8).all()
   np.testing.assert_allclose(out.theta, 1.0, atol=1e-6)
   assert (out.evaluations >= out.iterations).all() and (out.iterations > 5).all()
@@ -104,16 +105,16 @@ def test_lbfgs_minimises_every_start_with_its_own_arguments():
 def test_lbfgs_race_prunes_down_to_keep_and_keeps_the_best():
   rng = np.random.default_rng(0)
   starts = rng.uniform(-3, 3, (200, 2))
-  out = fitting.lbfgs(_rosenbrock, starts, (1.0,), keep=8, race_start=3)
-  pruned = out.status == fitting.PRUNED
+  out = lbfgs_lib.lbfgs(_rosenbrock, starts, (1.0,), keep=8, race_start=3)
+  pruned = out.status == lbfgs_lib.PRUNED
   assert 150 <= pruned.sum() <= 200 - 8
-  assert (out.status[~pruned] != fitting.ACTIVE).all()
+  assert (out.status[~pruned] != lbfgs_lib.ACTIVE).all()
   assert np.nanmin(out.value) < 1e-14
 
 
 def test_lbfgs_stops_non_finite_starts_and_max_iter():
-  out = fitting.lbfgs(lambda t: jnp.sum(jnp.log(t) ** 2), np.array([[-1.0, 2.0], [3.0, 4.0]]), max_iter=2)
-  assert list(out.status) == [fitting.FAILED, fitting.MAX_ITER]
+  out = lbfgs_lib.lbfgs(lambda t: jnp.sum(jnp.log(t) ** 2), np.array([[-1.0, 2.0], [3.0, 4.0]]), max_iter=2)
+  assert list(out.status) == [lbfgs_lib.FAILED, lbfgs_lib.MAX_ITER]
   assert out.iterations[1] == 2
 
 
@@ -227,11 +228,11 @@ def test_bad_options(kwargs, match):
 
 def test_lbfgs_bad_arguments():
   with pytest.raises(ValueError, match="per_start"):
-    fitting.lbfgs(_rosenbrock, np.zeros((3, 2)), (np.ones(3),), per_start=(True, False))
+    lbfgs_lib.lbfgs(_rosenbrock, np.zeros((3, 2)), (np.ones(3),), per_start=(True, False))
   with pytest.raises(ValueError, match="leading axis"):
-    fitting.lbfgs(_rosenbrock, np.zeros((3, 2)), (np.ones(4),), per_start=(True,))
+    lbfgs_lib.lbfgs(_rosenbrock, np.zeros((3, 2)), (np.ones(4),), per_start=(True,))
   with pytest.raises(ValueError, match="shape"):
-    fitting.lbfgs(_rosenbrock, np.zeros(3), (1.0,))
+    lbfgs_lib.lbfgs(_rosenbrock, np.zeros(3), (1.0,))
 
 
 def test_unknown_law():

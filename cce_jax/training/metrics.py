@@ -7,6 +7,8 @@ import logging
 import os
 import time
 
+import numpy as np
+
 
 class MetricsWriter:
   """Appends records {"step", ...} to metrics.jsonl (a resumed run drops records past its restored step).
@@ -111,6 +113,63 @@ def plot_losses(workdir: str) -> str | None:
   ax.grid(alpha=0.3)
   os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
   path = os.path.join(workdir, "plots", "loss.png")
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
+def load_runs(items) -> dict:
+  """{label: metrics records} from LABEL=WORKDIR strings; ValueError for a malformed item or a run without
+  metrics."""
+  runs = {}
+  for item in items:
+    label, sep, workdir = item.partition("=")
+    if not sep or not label or not workdir:
+      raise ValueError(f"runs are LABEL=WORKDIR pairs, got {item!r}")
+    path = os.path.join(workdir, "metrics", "metrics.jsonl")
+    records = read_metrics(workdir) if os.path.exists(path) else []
+    if not records:
+      raise ValueError(f"no metrics in {workdir!r} (expected {workdir}/metrics/metrics.jsonl)")
+    runs[label] = records
+  return runs
+
+
+def comparison_table(runs: dict, tail: int = 20) -> str:
+  """Markdown: validation loss at every evaluated step, mean training loss of the last `tail` steps, median
+  tokens/s (the first step, which compiles, left out)."""
+  steps = sorted({r["step"] for recs in runs.values() for r in recs if "val_loss" in r})
+  lines = ["| run | " + " | ".join(f"val @ {s}" for s in steps) + f" | train (last {tail}) | tokens/s |",
+           "|---|" + "---|" * (len(steps) + 2)]
+  for label, recs in runs.items():
+    val = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
+    train = [r["loss"] for r in recs if "loss" in r][-tail:]
+    speed = np.median([r["tokens_per_s"] for r in recs if "tokens_per_s" in r][1:] or [np.nan])
+    cells = [f"{val[s]:.4f}" if s in val else "-" for s in steps]
+    lines.append(f"| {label} | " + " | ".join(cells) + f" | {np.mean(train):.4f} | {speed:,.0f} |")
+  return "\n".join(lines)
+
+
+def plot_comparison(runs: dict, path: str, smooth: int = 20) -> str:
+  """PNG of every run's training loss (moving average over `smooth` steps) and validation points."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for k, (label, recs) in enumerate(runs.items()):
+    color = f"C{k}"
+    steps = np.array([r["step"] for r in recs if "loss" in r])
+    loss = np.array([r["loss"] for r in recs if "loss" in r])
+    if len(loss) >= smooth > 1:
+      loss = np.convolve(loss, np.ones(smooth) / smooth, mode="valid")
+      steps = steps[smooth - 1:]
+    ax.plot(steps, loss, color=color, lw=1, label=f"{label} train")
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    if val:
+      ax.plot(*zip(*val), "o--", color=color, ms=4, label=f"{label} val")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
   return path

@@ -132,6 +132,16 @@ class TestPallasGpuCompiledSmallTiles(LinearCrossEntropyTestBase):
   extra = {"config": PallasGpuConfig(block_n=16, block_v=32, block_d=16, num_splits=3)}
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.usefixtures("highest_precision")
+class TestPallasGpuCompiledTileSkipping(LinearCrossEntropyTestBase):
+  """Compiled, with the filtered backward always in the tile-skipping kernel (never the dense fallback)."""
+
+  implementation = "auto"
+  extra = {"config": PallasGpuConfig(block_n=16, block_v=32, block_d=16, num_splits=3, dense_backward_above=1.0)}
+
+
 def test_default_config_heuristic():
   light, capped = PallasGpuConfig.for_shape(4096, 128256, 4096), PallasGpuConfig.for_shape(8192, 256000, 2304,
                                                                                            softcap=30.0)

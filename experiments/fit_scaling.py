@@ -39,7 +39,7 @@ from absl import logging
 import numpy as np
 
 from cce_jax.scaling import allocation
-from cce_jax.scaling import data as data_lib
+from cce_jax.scaling import datasets
 from cce_jax.scaling import fitting
 from cce_jax.scaling import isoflop
 from cce_jax.scaling import laws as laws_lib
@@ -76,7 +76,7 @@ def read_runs(path: str, law: laws_lib.Law, fmt: str = "csv"):
   if fmt == "epoch":
     if law.covariates != ("N", "D"):
       raise app.UsageError(f"--format=epoch gives (N, D); law {law.name!r} needs {law.covariates}")
-    x, loss = data_lib.load_epoch_chinchilla(path)
+    x, loss = datasets.load_epoch_chinchilla(path)
     return x, loss, None
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)

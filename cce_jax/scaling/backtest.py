@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cce_jax.scaling import fitting
@@ -36,8 +34,7 @@ def law_fit_fn(law: Law, **fit_kwargs) -> FitFn:
     theta = np.asarray(result.theta, np.float64)
 
     def predict(x_new):
-      with jax.enable_x64(True):
-        return np.exp(np.asarray(law.log_loss(jnp.asarray(theta), jnp.asarray(x_new, jnp.float64))))
+      return fitting.predict_loss(law, theta, x_new)
 
     predict.fit_result = result
     return predict

@@ -41,6 +41,19 @@ def _floats(rows, column):
   return np.array([float(r[column]) if r[column] != "" else math.nan for r in rows], np.float64)
 
 
+def load_epoch_chinchilla(path, drop_highest: int = 5):
+  """(x [N, 2] = (params N, tokens D), loss [N]) from Epoch AI's digitised Chinchilla points.
+
+  D = C / (6 N). Besiroglu et al. drop the `drop_highest` highest losses (5: 245 -> 240 points).
+  """
+  rows = _read_csv(path, ("Model Size", "Training FLOP", "loss"))
+  n, c, loss = (_floats(rows, k) for k in ("Model Size", "Training FLOP", "loss"))
+  if drop_highest:
+    keep = loss < np.sort(loss)[-drop_highest]
+    n, c, loss = n[keep], c[keep], loss[keep]
+  return np.stack([n, c / (6.0 * n)], axis=1), loss
+
+
 def load_muennighoff(path):
   """(x [P, 3] = (N params, D tokens seen, U_D unique tokens), val loss [P]) from Muennighoff et al.'s runs.
 

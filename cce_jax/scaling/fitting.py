@@ -175,6 +175,17 @@ def log_loss_at(law: Law, theta_SxP, x) -> np.ndarray:
     return np.asarray(hit[1](jnp.asarray(theta_SxP, jnp.float64), jnp.asarray(x, jnp.float64)))
 
 
+def predict_loss(law: Law, theta_P, x) -> np.ndarray:
+  """exp(law.log_loss(theta, x)): predicted losses [N] (float64) at fit-space theta [P] for x [N, K]."""
+  return np.exp(log_loss_at(law, np.asarray(theta_P, np.float64)[None], x)[0])
+
+
+def r_squared(pred, target) -> float:
+  """1 − Σ(pred − target)² / Σ(target − mean target)², on the losses themselves (float64)."""
+  pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+  return float(1.0 - np.sum((pred - target) ** 2) / np.sum((target - target.mean()) ** 2))
+
+
 def initial_log_sigma(law: Law, theta_SxP, x, log_l, delta: float) -> np.ndarray:
   """[S] huber_ml's start for log σ at each start: log of min(1, δ) · 1.4826 · median |r| (a robust residual scale;
   for small δ the density is nearly Laplace and its σ is about δ · mean |r|), clipped to [1e-12, 1e6]."""

@@ -12,7 +12,7 @@ from jax.scipy.special import logsumexp
 
 from cce_jax import scaling
 from cce_jax.scaling import bootstrap
-from cce_jax.scaling import data
+from cce_jax.scaling import datasets
 from cce_jax.scaling.laws import Law
 
 EPOCH_CSV = (pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "scaling" /
@@ -151,7 +151,7 @@ def test_intervals_cover_the_truth_at_about_the_nominal_rate():
 
 @pytest.mark.skipif(not EPOCH_CSV.exists(), reason="Epoch AI's Chinchilla data is not present")
 def test_epoch_ai_pairs_bootstrap():
-  x, loss = data.load_epoch_chinchilla(str(EPOCH_CSV))
+  x, loss = datasets.load_epoch_chinchilla(str(EPOCH_CSV))
   full = scaling.fit(scaling.CHINCHILLA, x, loss, init=scaling.CHINCHILLA.init_grid()[::100])
   result = bootstrap.bootstrap_fit(scaling.CHINCHILLA, x, loss, draws=100, fit_result=full, compute=[5.76e23])
   assert result.failed <= 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cce_jax import scaling
-from cce_jax.scaling import data
+from cce_jax.scaling import datasets
 from cce_jax.scaling import fitting
 from cce_jax.scaling import batched_lbfgs as lbfgs_lib
 
@@ -66,7 +66,7 @@ def test_agrees_with_scipy_from_the_same_start():
 
 @pytest.mark.skipif(not EPOCH_CSV.exists(), reason="Epoch AI's Chinchilla data is not present")
 def test_reproduces_epoch_ai_huber_sum_fit_from_the_full_grid():
-  x, loss = data.load_epoch_chinchilla(str(EPOCH_CSV))
+  x, loss = datasets.load_epoch_chinchilla(str(EPOCH_CSV))
   assert x.shape == (240, 2)
   result = scaling.fit(scaling.CHINCHILLA, x, loss)  # Chinchilla's 4,500-start grid, raced down to 64 starts
   assert result.starts == 4500 and result.status_counts["pruned"] > 0
@@ -169,7 +169,7 @@ def test_huber_ml_recovers_parameters_and_noise_scale():
 @pytest.mark.skipif(not EPOCH_CSV.exists(), reason="Epoch AI's Chinchilla data is not present")
 def test_huber_ml_reproduces_epoch_ai_published_estimates():
   # Besiroglu et al. (2024), Table 1: A 482.01, B 2085.43, E 1.82, α 0.3478, β 0.3658.
-  x, loss = data.load_epoch_chinchilla(str(EPOCH_CSV))
+  x, loss = datasets.load_epoch_chinchilla(str(EPOCH_CSV))
   result = scaling.fit(scaling.CHINCHILLA, x, loss, estimator="huber_ml", init=scaling.CHINCHILLA.init_grid()[::300])
   assert result.converged and result.delta == 1e-3
   published = {"A": 482.01, "B": 2085.43, "E": 1.82, "alpha": 0.3478, "beta": 0.3658}

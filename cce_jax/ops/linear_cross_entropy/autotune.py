@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cce_jax.ops.linear_cross_entropy import benchmark
 from cce_jax.ops.linear_cross_entropy.api import linear_cross_entropy
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 
@@ -64,11 +65,6 @@ def lookup(e, c, *, softcap=None, filter_eps="auto", path=None) -> PallasGpuConf
   return None if entry is None else PallasGpuConfig(**entry["config"])
 
 
-def _median_ms(fn, args, repeats):
-  from cce_jax.ops.linear_cross_entropy import benchmark  # pylint: disable=import-outside-toplevel
-  return benchmark.median_ms(fn, args, repeats)
-
-
 def autotune(e, c, targets, *, softcap=None, filter_eps="auto", candidates=None, repeats: int = 5,
              path: str | None = None, interpret: bool = False,
              timer: Callable | None = None) -> PallasGpuConfig:
@@ -79,7 +75,7 @@ def autotune(e, c, targets, *, softcap=None, filter_eps="auto", candidates=None,
   candidates = list(candidates) if candidates is not None else default_candidates(n, v, d, softcap=softcap)
   if not candidates or not all(isinstance(k, PallasGpuConfig) for k in candidates):
     raise ValueError("candidates must be a non-empty list of PallasGpuConfig")
-  timer = timer or (lambda fn, args: _median_ms(fn, args, repeats))
+  timer = timer or (lambda fn, args: benchmark.median_ms(fn, args, repeats))
   results, reference = [], None
   for cfg in candidates:
     loss_and_grad = jax.jit(jax.value_and_grad(

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cce_jax.scaling import data
+from cce_jax.scaling import datasets
 from cce_jax.scaling import fitting
 from cce_jax.scaling.laws import CHINCHILLA
 
@@ -86,7 +86,7 @@ def run(data_root: str, *, grid_stride: int = 1) -> list[dict]:
   """Rows for (a), (b) and (c) above; `grid_stride` > 1 uses every k-th start of Chinchilla's grid in (a)."""
   if grid_stride < 1:
     raise ValueError(f"grid_stride must be >= 1, got {grid_stride}")
-  x, loss = data.load_epoch_chinchilla(csv_path(data_root))
+  x, loss = datasets.load_epoch_chinchilla(csv_path(data_root))
   grid = CHINCHILLA.init_grid()[::grid_stride]
   huber_sum = fitting.fit(CHINCHILLA, x, loss, init=grid)
   rows = _rows("(a) Huber-sum grid fit", huber_sum.params, EPOCH_HUBER_SUM,

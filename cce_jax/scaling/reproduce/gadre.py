@@ -21,8 +21,6 @@ import itertools
 import os
 import warnings
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cce_jax.scaling import datasets
@@ -92,11 +90,6 @@ def curve_fit_paper(n, m, loss) -> np.ndarray:
   return np.asarray(best, np.float64)
 
 
-def _predict(law, theta, x):
-  with jax.enable_x64(True):
-    return np.exp(np.asarray(law.log_loss(jnp.asarray(theta, jnp.float64), jnp.asarray(x, jnp.float64))))
-
-
 def run(data_root: str) -> list[dict]:
   """Rows: loss-extrapolation relative errors (%) for both fits; downstream-error relative errors (%)."""
   runs = datasets.load_gadre(os.path.join(data_root, FOLDER))
@@ -112,7 +105,7 @@ def run(data_root: str) -> list[dict]:
     targets[(model, m)] = (int(hit[0]), published)
 
   ours = fitting.fit(OVERTRAINING, x[train], loss[train], init=paper_grid_theta())
-  predictions = {"Huber on log L (cce_jax fit)": _predict(OVERTRAINING, ours.theta, x)}
+  predictions = {"Huber on log L (cce_jax fit)": fitting.predict_loss(OVERTRAINING, ours.theta, x)}
   try:
     paper = curve_fit_paper(runs.n[train], runs.m[train], loss[train])
     predictions["least squares on L (curve_fit, as the paper)"] = paper_form(runs.n, runs.m, paper)
@@ -131,7 +124,7 @@ def run(data_root: str) -> list[dict]:
   err_fit = fitting.fit(DOWNSTREAM_ERROR, loss[err_train], runs.error[err_train])
   for (model, m), (i, _) in targets.items():
     for source, l_in in (("predicted loss", pred_loss[i]), ("measured loss", loss[i])):
-      err_pred = _predict(DOWNSTREAM_ERROR, err_fit.theta, np.array([[l_in]]))[0]
+      err_pred = fitting.predict_loss(DOWNSTREAM_ERROR, err_fit.theta, np.array([[l_in]]))[0]
       rows.append({"quantity": f"top-1 error relative error % {model} M={m:g} (from {source})",
                    "reproduced": 100.0 * abs(err_pred - runs.error[i]) / runs.error[i], "published": None,
                    "note": (f"predicted {err_pred:.4f}, measured {runs.error[i]:.4f} (46-task mean); Err(L) fit on "

@@ -56,16 +56,6 @@ def curve_points(curves: dict, names) -> tuple[np.ndarray, np.ndarray]:
   return x, np.concatenate([curves[n].loss for n in names])
 
 
-def predict(law, theta, x) -> np.ndarray:
-  """Predicted losses [P] (float64) of `law` at fit-space `theta` for covariates x [P, 2]."""
-  with jax.enable_x64(True):
-    return np.exp(np.asarray(jax.jit(law.log_loss)(jnp.asarray(theta, jnp.float64), jnp.asarray(x))))
-
-
-def r_squared(pred, target) -> float:
-  return float(1.0 - np.sum((pred - target) ** 2) / np.sum((target - np.mean(target)) ** 2))
-
-
 def _error_rows(label, model, pred, target):
   err = pred - target
   return [
@@ -75,7 +65,7 @@ def _error_rows(label, model, pred, target):
        "published": None},
       {"quantity": f"{model}M {label}: held-out mean relative error",
        "reproduced": float(np.mean(np.abs(err) / target)), "published": None},
-      {"quantity": f"{model}M {label}: held-out R²", "reproduced": r_squared(pred, target), "published": None},
+      {"quantity": f"{model}M {label}: held-out R²", "reproduced": fitting.r_squared(pred, target), "published": None},
   ]
 
 
@@ -107,8 +97,9 @@ def run(data_root: str, models=("25", "100", "400"), max_iter: int = 1500) -> li
     note = f"refit on {', '.join(TRAIN)}; converged: {mpl_fit.converged} ({mpl_fit.converged_starts}/{mpl_fit.starts})"
     if published is not None:
       theta_pub = multi_power_theta(published)
+      pred_pub = fitting.predict_loss(mpl_all, theta_pub, x_all)
       rows.append({"quantity": f"{model}M published MPL: R² on all 9 curves",
-                   "reproduced": r_squared(predict(mpl_all, theta_pub, x_all), loss_all), "published": published["R2"],
+                   "reproduced": fitting.r_squared(pred_pub, loss_all), "published": published["R2"],
                    "note": "published parameters evaluated here; warmup rise counted in LD"})
       with jax.enable_x64(True):
         objective = fitting.objective_fn(mpl_train, jnp.asarray(x_train), jnp.log(jnp.asarray(loss_train)),
@@ -121,9 +112,10 @@ def run(data_root: str, models=("25", "100", "400"), max_iter: int = 1500) -> li
     rows += [{"quantity": f"{model}M LR-annealing refit: {k}", "reproduced": v, "published": None,
               "note": f"lambda = 0.999 fixed; converged: {annealing_fit.converged}"}
              for k, v in annealing_fit.params.items() if k != "lambda"]
-    rows += _error_rows("MPL refit", model, predict(mpl_all, mpl_fit.theta, x_all)[is_test], loss_all[is_test])
+    test_loss = loss_all[is_test]
+    rows += _error_rows("MPL refit", model, fitting.predict_loss(mpl_all, mpl_fit.theta, x_all)[is_test], test_loss)
     if published is not None:
-      rows += _error_rows("MPL published", model, predict(mpl_all, theta_pub, x_all)[is_test], loss_all[is_test])
-    rows += _error_rows("LR-annealing refit", model, predict(annealing_all, annealing_fit.theta, x_all)[is_test],
-                        loss_all[is_test])
+      rows += _error_rows("MPL published", model, pred_pub[is_test], test_loss)
+    rows += _error_rows("LR-annealing refit", model,
+                        fitting.predict_loss(annealing_all, annealing_fit.theta, x_all)[is_test], test_loss)
   return rows

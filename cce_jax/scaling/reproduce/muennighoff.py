@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cce_jax.scaling import datasets
@@ -32,28 +31,17 @@ PUBLISHED = {"R2": 0.7722, "huber": 0.0158259, "R_D_star": 15.387756, "R_N_star"
 """From the data's README (the upstream notebook's output)."""
 
 
-def r_squared(pred, target) -> float:
-  """1 − Σ(pred − target)² / Σ(target − mean target)², on the losses themselves."""
-  pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
-  return float(1.0 - np.sum((pred - target) ** 2) / np.sum((target - target.mean()) ** 2))
-
-
-def _predict(law, theta, x):
-  with jax.enable_x64(True):
-    return np.exp(np.asarray(law.log_loss(jnp.asarray(theta, jnp.float64), jnp.asarray(x, jnp.float64))))
-
-
 def _huber_sum(log_pred, log_target, delta=1e-3) -> float:
-  r = np.abs(log_pred - log_target)
-  return float(np.sum(np.where(r <= delta, 0.5 * r * r, delta * (r - 0.5 * delta))))
+  with jax.enable_x64(True):
+    return float(np.sum(fitting.huber(np.asarray(log_pred) - np.asarray(log_target), delta)))
 
 
 def run(data_root: str) -> list[dict]:
   """Rows: R² and Huber objective of the published law; refitted R_D*, R_N*, objective and R² from two grids."""
   x, loss = datasets.load_muennighoff(os.path.join(data_root, FOLDER, CSV))
-  pred = _predict(DATA_CONSTRAINED, MUENNIGHOFF_THETA, x)
+  pred = fitting.predict_loss(DATA_CONSTRAINED, MUENNIGHOFF_THETA, x)
   rows = [
-      {"quantity": "R² of the published law (182 runs)", "reproduced": r_squared(pred, loss),
+      {"quantity": "R² of the published law (182 runs)", "reproduced": fitting.r_squared(pred, loss),
        "published": PUBLISHED["R2"]},
       {"quantity": "Huber objective of the published law", "reproduced": _huber_sum(np.log(pred), np.log(loss)),
        "published": PUBLISHED["huber"]},
@@ -64,7 +52,7 @@ def run(data_root: str) -> list[dict]:
     result = fitting.fit(MUENNIGHOFF_DECAY, x, loss, init=init)
     note = (f"refit from the {label}, Chinchilla part frozen; {result.converged_starts}/{result.starts} starts "
             "converged")
-    refit_pred = _predict(MUENNIGHOFF_DECAY, result.theta, x)
+    refit_pred = fitting.predict_loss(MUENNIGHOFF_DECAY, result.theta, x)
     rows += [
         {"quantity": f"R_D* refit ({label})", "reproduced": result.params["R_D_star"],
          "published": PUBLISHED["R_D_star"], "note": note},
@@ -72,7 +60,7 @@ def run(data_root: str) -> list[dict]:
          "published": PUBLISHED["R_N_star"], "note": note},
         {"quantity": f"Huber objective at the refit ({label})", "reproduced": result.objective,
          "published": PUBLISHED["huber"], "note": "published: the objective at the published R_D*, R_N*"},
-        {"quantity": f"R² at the refit ({label})", "reproduced": r_squared(refit_pred, loss),
+        {"quantity": f"R² at the refit ({label})", "reproduced": fitting.r_squared(refit_pred, loss),
          "published": PUBLISHED["R2"], "note": "published: R² at the published R_D*, R_N*"},
     ]
   return rows

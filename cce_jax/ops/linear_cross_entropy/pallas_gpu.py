@@ -200,9 +200,8 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
   splits = pl.cdiv(v, v_per_split)
   part = jax.ShapeDtypeStruct((splits, n), xla_chunked.acc_dtype(e_ND.dtype, c_VD.dtype))
   args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + [targets_N.astype(jnp.int32)]
-  with_tmax = spec.stats.filter_eps is not None and not spec.stats.exact
   out_shape = [part] * 5
-  if with_tmax:
+  if _tile_skipping(spec):
     out_shape.append(jax.ShapeDtypeStruct((pl.cdiv(n, cfg.block_n), pl.cdiv(v, cfg.block_v)), part.dtype))
   m, l, st, ssum, w, *tmax = pl.pallas_call(
       functools.partial(_fwd_kernel, spec=spec, n=n, v=v, d=d, v_per_split=v_per_split,
@@ -325,26 +324,28 @@ def _tile_keep_mask(spec, tmax, targets_N, lse, inv_r):
   return (keep | has_target).astype(jnp.int32)
 
 
+def _tile_skipping(spec) -> bool:
+  """Whether the backward may run the tile-skipping kernel (and so the forward writes tile maxima)."""
+  return (spec.stats.filter_eps is not None and not spec.stats.exact
+          and spec.config.dense_backward_above > 0.0)
+
+
 def _stats_bwd(spec, residuals, cotangents):
-  st_spec = spec.stats
-  if st_spec.exact or st_spec.filter_eps is None:
+  if not _tile_skipping(spec):
     return _dense_bwd(spec, residuals, cotangents)
-  e_ND, c_VD, bias_V, targets_N, lse, mean, tmax = residuals
-  (g_lse, g_st, g_sum, g_mean), inv_r = xla_chunked.backward_cotangents(st_spec, residuals, cotangents)
+  targets_N, lse, tmax = residuals[3], residuals[4], residuals[6]
+  row_cotangents, inv_r = xla_chunked.backward_cotangents(spec.stats, residuals, cotangents)
   keep = _tile_keep_mask(spec, tmax, targets_N, lse, inv_r)
-  sparse = lambda: _sparse_bwd(spec, residuals, (g_lse, g_st, g_sum, g_mean), inv_r, keep)
+  sparse = lambda: _sparse_bwd(spec, residuals, row_cotangents, inv_r, keep)
   threshold = spec.config.dense_backward_above
   if threshold >= 1.0:
     return sparse()
-  if threshold <= 0.0:
-    return _dense_bwd(spec, residuals, cotangents)
   return lax.cond(jnp.mean(keep.astype(jnp.float32)) > threshold, lambda: _dense_bwd(spec, residuals, cotangents),
                   sparse)
 
 
 def _sparse_bwd(spec, residuals, row_cotangents, inv_r, keep):
   """The tile-skipping kernel: kept tiles add their gradients with fp32 atomics."""
-  st_spec = spec.stats
   e_ND, c_VD, bias_V, targets_N, lse, mean, _ = residuals
   g_lse, g_st, g_sum, g_mean = row_cotangents
   acc = lse.dtype

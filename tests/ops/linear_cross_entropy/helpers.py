@@ -8,6 +8,14 @@ import numpy as np
 
 IGNORE = -100
 
+
+def has_gpu() -> bool:
+  """Whether JAX's default backend is a GPU (for skipif on the compiled-kernel tests)."""
+  try:
+    return jax.default_backend() == "gpu"
+  except RuntimeError:
+    return False
+
 # Tolerances, written once. fp32 inputs: relative L2 error against the reference on the same inputs.
 F32_RTOL = 2e-5
 # 16-bit inputs: error against the fp32-upcast reference may exceed that of the naive 16-bit computation

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import jax
 import jax.numpy as jnp
 import pytest
 
@@ -77,15 +76,9 @@ def test_default_candidates_start_with_the_heuristic():
   assert len(cands) == len(set(cands)) >= 5
 
 
-def _has_gpu():
-  try:
-    return jax.default_backend() == "gpu"
-  except RuntimeError:
-    return False
-
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.skipif(not helpers.has_gpu(), reason="needs an NVIDIA GPU")
 def test_tunes_on_a_gpu(tmp_path):
   e, c, targets, _ = helpers.make_inputs(4, (2048,), 512, 32000, dtype=jnp.bfloat16)
   path = str(tmp_path / "cache.json")

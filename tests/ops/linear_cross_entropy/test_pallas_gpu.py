@@ -14,12 +14,6 @@ from tests.ops.linear_cross_entropy import helpers
 from tests.ops.linear_cross_entropy.test_base import LinearCrossEntropyTestBase
 
 
-def _has_gpu():
-  try:
-    return jax.default_backend() == "gpu"
-  except RuntimeError:
-    return False
-
 
 class TestPallasGpuInterpret(LinearCrossEntropyTestBase):
   """Small power-of-2 tiles that divide none of the odd test shapes, and several vocabulary splits."""
@@ -113,7 +107,7 @@ def highest_precision():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.skipif(not helpers.has_gpu(), reason="needs an NVIDIA GPU")
 @pytest.mark.usefixtures("highest_precision")
 class TestPallasGpuCompiled(LinearCrossEntropyTestBase):
   """The same sweep through 'auto' on a GPU: compiled Triton kernels, default tiles (XLA below N, V, D = 16)."""
@@ -123,7 +117,7 @@ class TestPallasGpuCompiled(LinearCrossEntropyTestBase):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.skipif(not helpers.has_gpu(), reason="needs an NVIDIA GPU")
 @pytest.mark.usefixtures("highest_precision")
 class TestPallasGpuCompiledSmallTiles(LinearCrossEntropyTestBase):
   """Compiled with the smallest tiles Triton's dot takes, so that edge blocks and splits are exercised."""
@@ -133,7 +127,7 @@ class TestPallasGpuCompiledSmallTiles(LinearCrossEntropyTestBase):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.skipif(not helpers.has_gpu(), reason="needs an NVIDIA GPU")
 @pytest.mark.usefixtures("highest_precision")
 class TestPallasGpuCompiledTileSkipping(LinearCrossEntropyTestBase):
   """Compiled, with the filtered backward always in the tile-skipping kernel (never the dense fallback)."""

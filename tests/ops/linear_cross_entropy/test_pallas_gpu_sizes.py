@@ -13,10 +13,11 @@ import pytest
 
 import cce_jax
 from cce_jax.ops.linear_cross_entropy import benchmark
+from tests.ops.linear_cross_entropy import helpers
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU"),
+    pytest.mark.skipif(not helpers.has_gpu(), reason="needs an NVIDIA GPU"),
 ]
 
 # Relative L2 error against the fp32 reference on the Table-1 shape, bf16 inputs (README: gradient filtering).

@@ -9,20 +9,10 @@ Then: `python experiments/bench_loss.py --regimes=lm --lm_file=runs/small/hidden
 
 from __future__ import annotations
 
-import os
-
 from absl import app
 from absl import flags
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
-from cce_jax import data as data_lib
-from cce_jax.training import checkpoint as checkpoint_lib
-from cce_jax.training import optim
-from cce_jax.training import step as step_lib
-from cce_jax.training import trainer
+from cce_jax.training import hidden_states
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _OUT = flags.DEFINE_string("out", None, "Output .npz path.")
@@ -30,37 +20,9 @@ _TOKENS = flags.DEFINE_integer("tokens", 8192, "Number of positions to save (who
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def dump(workdir: str, out: str, tokens: int) -> dict:
-  ckpt = checkpoint_lib.Checkpointer(workdir, every=0, keep=1 << 30)
-  try:
-    # The run's config comes from its checkpoint; build its state's structure to restore into.
-    cfg = ml_collections.ConfigDict(ckpt.latest_meta()["config"])
-    steps = step_lib.build(trainer.model_config(cfg), optim.OptimConfig.from_config(cfg), loss=cfg.loss,
-                           seed=cfg.seed, init=False, loss_options=trainer.loss_options(cfg))
-    step, state, _, _ = ckpt.restore_latest(steps.state)
-  finally:
-    ckpt.close()
-  model = steps.codec.to_model(state["params"])
-  corpus = data_lib.prepare(cfg.data, cfg.vocab_size, cfg.data_cache, val_fraction=cfg.val_fraction,
-                            max_bytes=cfg.max_bytes or None, tokenizer_path=os.path.join(workdir, "tokenizer.json"))
-  per_batch = cfg.batch_size * cfg.seq_len
-  hidden_fn = jax.jit(lambda inputs: model(inputs).astype(jnp.float32))
-  es, ts = [], []
-  for batch in data_lib.eval_batches(corpus.val, cfg.seq_len, cfg.batch_size, max(1, -(-tokens // per_batch))):
-    es.append(np.asarray(hidden_fn(batch["inputs"])).reshape(-1, cfg.model.D))
-    ts.append(batch["targets"].reshape(-1))
-  if not es:
-    raise ValueError("the validation split has less than one batch of tokens")
-  e, t = np.concatenate(es)[:tokens], np.concatenate(ts)[:tokens].astype(np.int32)
-  c = np.asarray(model.classifier().astype(jnp.float32))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  np.savez(out, e=e, c=c, targets=t, step=step)
-  return {"step": step, "e": e.shape, "c": c.shape, "targets": t.shape}
-
-
 def main(argv):
   del argv
-  print(dump(_WORKDIR.value, _OUT.value, _TOKENS.value), flush=True)
+  print(hidden_states.dump(_WORKDIR.value, _OUT.value, _TOKENS.value), flush=True)
 
 
 if __name__ == "__main__":

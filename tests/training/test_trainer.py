@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 
@@ -11,6 +10,7 @@ import pytest
 
 from cce_jax.ops.linear_cross_entropy import benchmark
 from cce_jax.training import config as config_lib
+from cce_jax.training import hidden_states
 from cce_jax.training import metrics as metrics_lib
 from cce_jax.training import trainer
 
@@ -92,18 +92,9 @@ def test_non_finite_loss_stops_with_the_step(cache, tmp_path):
   assert all(s <= records[-1]["step"] for s in saved)
 
 
-def _script(name):
-  path = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_dump_hidden_states_for_the_benchmark(straight_run, tmp_path):
-  dump_hidden = _script("dump_hidden")
   out = str(tmp_path / "hidden.npz")
-  info = dump_hidden.dump(straight_run, out, tokens=100)
+  info = hidden_states.dump(straight_run, out, tokens=100)
   assert info["step"] == 12 and info["e"] == (100, 32) and info["c"] == (320, 32)
   e, c, targets = benchmark.load_lm(out, np.float32)
   records = metrics_lib.read_metrics(straight_run)

@@ -16,18 +16,13 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from jax.experimental.pallas import triton as plgpu
-
 import cce_jax
 from cce_jax.ops.linear_cross_entropy import benchmark as bench_loss
-from cce_jax.ops.linear_cross_entropy import pallas_gpu
-from cce_jax.ops.linear_cross_entropy import triton_atomics
 
 _SHAPE = flags.DEFINE_string("shape", "gemma2_2b", "Shape name from bench_loss.SHAPES.")
 _REGIME = flags.DEFINE_string("regime", "peaked", "Input regime.")
 _CONFIGS = flags.DEFINE_list("configs", ["64x128x64w4s3", "128x128x64w8s3"], "Tile configs to time.")
 _FILTER = flags.DEFINE_list("filter_eps", ["auto"], "filter_eps values to try ('auto', 'none' or floats).")
-_ATOMICS = flags.DEFINE_list("atomics", ["relaxed"], "Backward accumulation: relaxed and/or acq_rel atomics.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement.")
 
 
@@ -47,11 +42,10 @@ def main(argv):
   ref_loss, (ref_de, ref_dc) = jax.jit(jax.value_and_grad(
       bench_loss.loss_fn("reference", softcap), argnums=(0, 1)))(e.astype(jnp.float32), c.astype(jnp.float32), t)
   print(f"{jax.devices()[0].device_kind} jax {jax.__version__} {_SHAPE.value} {_REGIME.value}", flush=True)
-  lines = ["| config | filter_eps | atomics | fwd ms | fwd+bwd ms | err loss | err dE | err dC |",
-           "|---|---|---|---|---|---|---|---|"]
-  runs = [(t, f, a) for t in _CONFIGS.value for f in _FILTER.value for a in _ATOMICS.value]
-  for text, feps, atomics in runs:
-    pallas_gpu._atomic_add = {"relaxed": triton_atomics.atomic_add, "acq_rel": plgpu.atomic_add}[atomics]
+  lines = ["| config | filter_eps | fwd ms | fwd+bwd ms | err loss | err dE | err dC |",
+           "|---|---|---|---|---|---|---|"]
+  runs = [(t, f) for t in _CONFIGS.value for f in _FILTER.value]
+  for text, feps in runs:
     feps_value = {"auto": "auto", "none": None}.get(feps) if feps in ("auto", "none") else float(feps)
     cfg = parse_config(text)
     f = lambda e, c: cce_jax.linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu",
@@ -63,10 +57,10 @@ def main(argv):
       both_ms = bench_loss.median_ms(both, (e, c), _REPEATS.value)
       loss, (de, dc) = both(e, c)
       errs = [bench_loss.rel_err(x, r) for x, r in ((loss, ref_loss), (de, ref_de), (dc, ref_dc))]
-      line = (f"| {text} | {feps} | {atomics} | {fwd_ms:.2f} | {both_ms:.2f} | "
+      line = (f"| {text} | {feps} | {fwd_ms:.2f} | {both_ms:.2f} | "
               + " | ".join(f"{x:.2e}" for x in errs) + " |")
     except Exception as err:  # pylint: disable=broad-except
-      line = f"| {text} | {feps} | {atomics} | error: {type(err).__name__}: {str(err)[:200]} |"
+      line = f"| {text} | {feps} | error: {type(err).__name__}: {str(err)[:200]} |"
     print(line, flush=True)
     lines.append(line)
   print()

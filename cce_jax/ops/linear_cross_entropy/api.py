@@ -112,7 +112,7 @@ def linear_cross_entropy(
   e_ND, targets_N = e.reshape(-1, e.shape[-1]), targets.reshape(-1)
   valid_N = targets_N != ignore_index
   backend, backend_kwargs = _backend(backend_name, implementation, config, interpret, e_ND.shape, c.shape,
-                                     softcap)
+                                     softcap, filtered=filter_eps is not None and not exact)
   loss_N, lse_N = backend.cross_entropy_per_token(
       e_ND, c, bias, targets_N, valid_N, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
       filter_eps=filter_eps, exact=exact, **backend_kwargs)
@@ -196,7 +196,7 @@ def token_logprobs(
   return (logp, entropy_N.reshape(batch_shape)) if return_entropy else logp
 
 
-def _backend(name, requested, config, interpret, e_shape, c_shape, softcap):
+def _backend(name, requested, config, interpret, e_shape, c_shape, softcap, filtered=False):
   """The backend module and its keyword arguments (tile config, interpreter flag) for these shapes."""
   (n, d), v = e_shape, c_shape[0]
   if n == 0:
@@ -210,7 +210,7 @@ def _backend(name, requested, config, interpret, e_shape, c_shape, softcap):
   if name == "xla_chunked":
     return xla_chunked, {"config": (config or XlaChunkedConfig.for_shape(n, v, d)).clamped(n, v)}
   if name == "pallas_gpu":
-    config = (config or PallasGpuConfig.for_shape(n, v, d, softcap=softcap)).clamped(n, v, d)
+    config = (config or PallasGpuConfig.for_shape(n, v, d, softcap=softcap, filtered=filtered)).clamped(n, v, d)
     return pallas_gpu, {"config": config, "interpret": interpret}
   return reference, {}
 

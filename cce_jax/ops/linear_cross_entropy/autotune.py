@@ -39,13 +39,13 @@ def cache_key(e, c, *, softcap=None, filter_eps="auto") -> str:
   return f"{kind}|{n}|{v}|{d}|{jnp.dtype(e.dtype).name}|{jnp.dtype(c.dtype).name}|{softcap}|{mode}"
 
 
-def default_candidates(n: int, v: int, d: int, *, softcap=None) -> list[PallasGpuConfig]:
+def default_candidates(n: int, v: int, d: int, *, softcap=None, filtered: bool = True) -> list[PallasGpuConfig]:
   """The heuristic's config first, then the variants the H100/H200 sweeps found competitive."""
-  base = PallasGpuConfig.for_shape(n, v, d, softcap=softcap)
+  base = PallasGpuConfig.for_shape(n, v, d, softcap=softcap, filtered=filtered)
   variants = [base, dataclasses.replace(base, num_warps=4 if base.num_warps == 8 else 8),
               dataclasses.replace(base, num_stages=4), dataclasses.replace(base, block_n=64),
-              dataclasses.replace(base, block_d=32), dataclasses.replace(base, dense_backward_above=0.2),
-              dataclasses.replace(base, dense_backward_above=0.6)]
+              dataclasses.replace(base, block_d=32), dataclasses.replace(base, dense_backward_above=0.3),
+              dataclasses.replace(base, dense_backward_above=0.7)]
   return list(dict.fromkeys(variants))  # frozen dataclasses: drop duplicates, keep the order
 
 
@@ -72,7 +72,9 @@ def autotune(e, c, targets, *, softcap=None, filter_eps="auto", candidates=None,
   caches and returns the fastest. timer(fn, args) -> ms overrides the device timing (tests)."""
   n = int(np.prod(e.shape[:-1]))
   v, d = c.shape
-  candidates = list(candidates) if candidates is not None else default_candidates(n, v, d, softcap=softcap)
+  if candidates is None:
+    candidates = default_candidates(n, v, d, softcap=softcap, filtered=filter_eps is not None)
+  candidates = list(candidates)
   if not candidates or not all(isinstance(k, PallasGpuConfig) for k in candidates):
     raise ValueError("candidates must be a non-empty list of PallasGpuConfig")
   timer = timer or (lambda fn, args: benchmark.median_ms(fn, args, repeats))

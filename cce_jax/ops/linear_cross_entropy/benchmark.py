@@ -59,7 +59,7 @@ def loss_fn(method, softcap):
     return lambda e, c, t: naive_loss(e, c, t, softcap)
   if method == "pallas_gpu_sparse":  # filtered, always through the tile-skipping kernel
     def sparse(e, c, t):
-      cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap)
+      cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap, filtered=True)
       return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu",
                                   config=dataclasses.replace(cfg, dense_backward_above=1.0))
     return sparse

@@ -63,11 +63,15 @@ class PallasGpuConfig:
     flat_loop: the forward walks (vocabulary tile, D chunk) pairs in one loop instead of two nested ones.
     backward_warps: warps per program of the backward kernel; None: num_warps.
     dense_backward_above: with gradient filtering, when more than this fraction of the logit tiles may pass the
-      filter (a bound from the forward's per-tile maxima), the backward runs the dense blockwise GEMMs instead of
-      the tile-skipping kernel, whose fp32 atomics cost more than dense GEMMs when most tiles are kept. 1.0:
-      always the tile-skipping kernel; 0.0: always dense.
+      filter (a bound from the forward's per-row tile maxima), the backward runs the dense blockwise GEMMs instead
+      of the tile-skipping kernels, which cost more than dense GEMMs when most tiles are kept (H200: break-even
+      at 0.52-0.64 of the tiles over gemma2_2b, llama3_8b_4k and qwen_small). 1.0: always the tile-skipping
+      kernels; 0.0: always dense.
     dense_block_v, dense_block_elements: the dense backward's vocabulary block and its logits per block
       (fp32: 2^26 is 256 MiB; H100 sweep: gemma2_2b 95.8 ms at 2048 / 2^23, 81.0 at 8192 / 2^26).
+    backward_buffer_bytes: the tile-skipping backward's dZ buffer (kept tiles in the compute dtype); more kept
+      tiles than it holds run in several passes.
+    grad_block_d: the hidden-size block of each gradient program of the tile-skipping backward (power of 2).
   """
 
   block_n: int = 128
@@ -78,12 +82,14 @@ class PallasGpuConfig:
   num_splits: int | None = None
   flat_loop: bool = False
   backward_warps: int | None = None
-  dense_backward_above: float = 0.35
+  dense_backward_above: float = 0.5
   dense_block_v: int = 8192
   dense_block_elements: int = 1 << 26
+  backward_buffer_bytes: int = 1 << 27
+  grad_block_d: int = 128
 
   def __post_init__(self):
-    for name in ("block_n", "block_v", "block_d"):
+    for name in ("block_n", "block_v", "block_d", "grad_block_d"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
         raise ValueError(f"PallasGpuConfig.{name} must be a positive power of 2, got {value!r}")
@@ -96,19 +102,24 @@ class PallasGpuConfig:
     if not isinstance(self.dense_backward_above, (int, float)) or not 0.0 <= self.dense_backward_above <= 1.0:
       raise ValueError("PallasGpuConfig.dense_backward_above must be a fraction in [0, 1], got "
                        f"{self.dense_backward_above!r}")
+    if not isinstance(self.backward_buffer_bytes, int) or self.backward_buffer_bytes < 1:
+      raise ValueError("PallasGpuConfig.backward_buffer_bytes must be a positive int, got "
+                       f"{self.backward_buffer_bytes!r}")
     if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):
       raise ValueError(f"PallasGpuConfig.num_splits must be a positive int or None, got {self.num_splits!r}")
 
   @classmethod
-  def for_shape(cls, n: int, v: int, d: int, *, softcap: float | None = None) -> "PallasGpuConfig":
-    """The default for N tokens, V vocabulary entries, hidden size D and the softcap.
+  def for_shape(cls, n: int, v: int, d: int, *, softcap: float | None = None,
+                filtered: bool = False) -> "PallasGpuConfig":
+    """The default for N tokens, V vocabulary entries, hidden size D, the softcap and gradient filtering.
 
     128×128×64 tiles, 3 stages (H200 sweeps in BENCHMARKS.md). The forward runs 4 warps when its per-element
     work is light (no softcap: two programs share an SM and hide each other's epilogue; llama3_8b_4k 7.8 vs
-    9.9 ms) and 8 with a softcap's tanh (gemma2_2b 21.1 vs 22.8 ms); the backward runs 8.
+    9.9 ms) and 8 with a softcap's tanh (gemma2_2b 21.1 vs 22.8 ms), except when filtering: then it also writes
+    every row's tile maxima, and 4 warps are faster again (gemma2_2b 22.8 vs 25.8 ms). The backward runs 8.
     """
     del n, v, d
-    return cls(num_warps=8 if softcap is not None else 4, backward_warps=8)
+    return cls(num_warps=8 if softcap is not None and not filtered else 4, backward_warps=8)
 
   def clamped(self, n: int, v: int, d: int) -> "PallasGpuConfig":
     """Each block no larger than the largest power of 2 within its dimension."""

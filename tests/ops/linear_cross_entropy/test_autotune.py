@@ -72,7 +72,9 @@ def test_bad_candidates_and_unreadable_cache(tmp_path):
 
 def test_default_candidates_start_with_the_heuristic():
   cands = autotune.default_candidates(8192, 256000, 2304, softcap=30.0)
-  assert cands[0] == PallasGpuConfig.for_shape(8192, 256000, 2304, softcap=30.0)
+  assert cands[0] == PallasGpuConfig.for_shape(8192, 256000, 2304, softcap=30.0, filtered=True)
+  full = autotune.default_candidates(8192, 256000, 2304, softcap=30.0, filtered=False)
+  assert full[0] == PallasGpuConfig.for_shape(8192, 256000, 2304, softcap=30.0)
   assert len(cands) == len(set(cands)) >= 5
 
 

@@ -1,7 +1,7 @@
 """pallas_gpu at real sizes, compiled on an NVIDIA GPU (marked `gpu`; skipped elsewhere).
 
 The CCE paper's Table-1 shape against the fp32 reference (filtered and exact), exact mode bitwise identical run
-to run, and a classifier with V·D > 2^31 elements (64-bit offsets inside the kernels).
+to run (and the filtered mode's tile-skipping backward), and a classifier with V·D > 2^31 elements (64-bit offsets inside the kernels).
 """
 
 from __future__ import annotations
@@ -59,9 +59,12 @@ def test_table1_shape_against_reference(table1, mode):
   assert err_de < rtol and err_dc < rtol, (err_de, err_dc)
 
 
-def test_exact_is_bitwise_deterministic():
-  e, c, targets = benchmark.make_inputs(3000, 1000, 50021, jnp.bfloat16, "random", seed=2)
-  runs = [_loss_and_grads(e, c, targets, 30.0, implementation="pallas_gpu", exact=True) for _ in range(2)]
+@pytest.mark.parametrize("mode", ["exact", "filtered"])
+def test_bitwise_deterministic(mode):
+  """Exact mode (dense GEMMs) and the filtered tile-skipping backward (no atomics) repeat bitwise."""
+  e, c, targets = benchmark.make_inputs(3000, 1000, 50021, jnp.bfloat16, "peaked", seed=2)
+  kw = dict(exact=True) if mode == "exact" else dict(config=cce_jax.PallasGpuConfig(dense_backward_above=1.0))
+  runs = [_loss_and_grads(e, c, targets, 30.0, implementation="pallas_gpu", **kw) for _ in range(2)]
   for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
     np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
 

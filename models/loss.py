@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 import cce_jax
 
-LOSS_IMPLEMENTATIONS = ("auto", "pallas_gpu", "xla_chunked", "reference", "naive")
+LOSS_IMPLEMENTATIONS = ("auto", "pallas_gpu", "xla_chunked", "xla_fused", "reference", "naive")
 
 
 def lm_loss(model, inputs_BxT, targets_BxT, *, implementation="auto", ignore_index=-100, filter_eps="auto",

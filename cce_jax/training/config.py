@@ -20,7 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1,
                                            decay_fraction=0.2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                                            grad_clip=1.0))
-  # "auto" (fused: Pallas on NVIDIA GPUs, blockwise XLA elsewhere), "xla_chunked", "pallas_gpu" or "naive".
+  # "auto" (fused: Pallas on NVIDIA GPUs, blockwise XLA elsewhere), "xla_chunked", "pallas_gpu", "xla_fused"
+  # (gradient formed in the forward pass over row blocks of logits; no filtering) or "naive".
   c.loss = "auto"
   # Gradient of the fused loss: "full" (every logit tile), "exact" (the same, HIGHEST precision, deterministic)
   # or "filtered" (tiles whose softmax stays below 2^-12 skip their gradient GEMMs: faster, but it drops the

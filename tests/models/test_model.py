@@ -66,7 +66,8 @@ def test_remat_same_loss_and_grads():
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_fused_loss_matches_naive_on_the_model(tie):
+@pytest.mark.parametrize("fused", ["xla_chunked", "xla_fused"])
+def test_fused_loss_matches_naive_on_the_model(tie, fused):
   model = models.make_model(models.Config(**SMALL, tie_embeddings=tie), seed=5)
   tokens = _tokens(model.cfg, seed=7)
   targets = jnp.roll(tokens, -1, axis=1).at[:, -1].set(-100)
@@ -74,7 +75,7 @@ def test_fused_loss_matches_naive_on_the_model(tie):
   def loss_and_grads(impl):
     return nnx.value_and_grad(lambda m: models.lm_loss(m, tokens, targets, implementation=impl)[0])(model)
 
-  (ln, gn), (lf, gf) = loss_and_grads("naive"), loss_and_grads("xla_chunked")
+  (ln, gn), (lf, gf) = loss_and_grads("naive"), loss_and_grads(fused)
   np.testing.assert_allclose(lf, ln, rtol=1e-6)
   assert abs(float(ln) - np.log(model.cfg.V)) < 1.0  # near-uniform at init
   for a, b in zip(jax.tree.leaves(nnx.state(gf)), jax.tree.leaves(nnx.state(gn))):

@@ -11,6 +11,7 @@ from cce_jax.ops.linear_cross_entropy import pallas_gpu
 from cce_jax.ops.linear_cross_entropy import reference
 from cce_jax.ops.linear_cross_entropy import validation
 from cce_jax.ops.linear_cross_entropy import xla_chunked
+from cce_jax.ops.linear_cross_entropy import xla_fused
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
 from cce_jax.typing import Array, Float, Int
@@ -83,10 +84,12 @@ def linear_cross_entropy(
       GEMMs. "auto": 2^-12 for 16-bit inputs without label smoothing, else off. None: off.
     exact: HIGHEST matmul precision, no gradient filtering, bitwise deterministic run to run.
     implementation: "auto" (best available: "pallas_gpu" on NVIDIA GPUs, else "xla_chunked"), "pallas_gpu"
-      (Triton kernels), "xla_chunked" (blockwise XLA, any platform), "reference" (materialised logits, for
-      tests), "pallas_tpu" (not available yet).
-    config: tile sizes: an `XlaChunkedConfig` for "xla_chunked", a `PallasGpuConfig` for "pallas_gpu"
-      (default: the config class's `for_shape`).
+      (Triton kernels), "xla_chunked" (blockwise XLA, any platform), "xla_fused" (XLA over row blocks of
+      logits with the gradient formed in the forward pass: three GEMMs instead of four, an fp32 [V, D]
+      accumulator, no filtering; reduction "mean"/"sum" only, no return_lse), "reference" (materialised logits,
+      for tests), "pallas_tpu" (not available yet).
+    config: tile sizes: an `XlaChunkedConfig` for "xla_chunked" and "xla_fused" (rows per block: block_n), a
+      `PallasGpuConfig` for "pallas_gpu" (default: the config class's `for_shape`).
     interpret: run Pallas kernels in the interpreter (CPU testing of the Pallas implementations).
 
   Returns:
@@ -104,6 +107,8 @@ def linear_cross_entropy(
     raise TypeError(f"return_lse and exact must be bools, got {return_lse!r}, {exact!r}")
   backend_name = validation.resolve_implementation(implementation, interpret, config,
                                                   platform=jax.default_backend())
+  if backend_name == "xla_fused" and filter_eps not in ("auto", None):
+    raise ValueError(f"implementation='xla_fused' does not filter gradients; got filter_eps={filter_eps!r}")
   filter_eps = validation.resolve_filter_eps(
       filter_eps, exact=exact, label_smoothing=label_smoothing, compute_dtype=jnp.result_type(e, c))
 
@@ -111,6 +116,10 @@ def linear_cross_entropy(
   targets = _shift_targets(targets, shift, ignore_index)
   e_ND, targets_N = e.reshape(-1, e.shape[-1]), targets.reshape(-1)
   valid_N = targets_N != ignore_index
+  if backend_name == "xla_fused":
+    return _fused_loss(e_ND, c, bias, targets_N, valid_N, weights, reduction=reduction, softcap=softcap,
+                       label_smoothing=label_smoothing, z_loss=z_loss, exact=exact, return_lse=return_lse,
+                       config=config)
   backend, backend_kwargs = _backend(backend_name, implementation, config, interpret, e_ND.shape, c.shape,
                                      softcap, filtered=filter_eps is not None and not exact)
   loss_N, lse_N = backend.cross_entropy_per_token(
@@ -181,6 +190,9 @@ def token_logprobs(
     raise TypeError(f"return_entropy and exact must be bools, got {return_entropy!r}, {exact!r}")
   backend_name = validation.resolve_implementation(implementation, interpret, config,
                                                   platform=jax.default_backend())
+  if backend_name == "xla_fused":
+    raise ValueError("implementation='xla_fused' computes reduced losses only; token_logprobs takes 'auto', "
+                     "'pallas_gpu', 'xla_chunked' or 'reference'")
 
   batch_shape = targets.shape
   targets = _shift_targets(targets, shift, ignore_index)
@@ -194,6 +206,31 @@ def token_logprobs(
   logp_N = logp_N * _nan_where_out_of_range(targets_N, valid_N, c.shape[0], logp_N.dtype)
   logp = logp_N.reshape(batch_shape)
   return (logp, entropy_N.reshape(batch_shape)) if return_entropy else logp
+
+
+def _fused_loss(e_ND, c, bias, targets_N, valid_N, weights, *, reduction, softcap, label_smoothing, z_loss, exact,
+                return_lse, config):
+  """The "xla_fused" path: the reduced loss, with per-token coefficients formed here (weights, mean, NaN for bad
+  targets) so that the gradient can be computed in the forward pass."""
+  if reduction == "none" or return_lse:
+    raise ValueError("implementation='xla_fused' forms the gradient of a reduced loss in the forward pass: it "
+                     f"needs reduction='mean' or 'sum' and return_lse=False (got reduction={reduction!r}, "
+                     f"return_lse={return_lse})")
+  n, v = e_ND.shape[0], c.shape[0]
+  if n == 0:
+    return jnp.zeros((), jnp.float32)
+  dtype = jnp.float32
+  if weights is None:
+    weights_N = valid_N.astype(dtype)
+  else:
+    weights_N = jnp.where(valid_N, weights.reshape(-1).astype(dtype), 0.0)
+  coef_N = weights_N * _nan_where_out_of_range(targets_N, valid_N, v, dtype)
+  if reduction == "mean":
+    total = jnp.sum(weights_N)
+    coef_N = coef_N / jnp.where(total == 0, 1.0, total)
+  return xla_fused.reduced_loss(e_ND, c, bias, targets_N, coef_N, softcap=softcap,
+                                label_smoothing=label_smoothing, z_loss=z_loss, exact=exact,
+                                config=(config or xla_fused.default_config(n, v)).clamped(n, v))
 
 
 def _backend(name, requested, config, interpret, e_shape, c_shape, softcap, filtered=False):

@@ -64,6 +64,7 @@ def loss_fn(method, softcap):
                                   config=dataclasses.replace(cfg, dense_backward_above=1.0))
     return sparse
   kw = {"reference": dict(implementation="reference"), "xla_chunked": dict(implementation="xla_chunked"),
+        "xla_fused": dict(implementation="xla_fused"), "xla_fused_exact": dict(implementation="xla_fused", exact=True),
         "pallas_gpu": dict(implementation="pallas_gpu"),
         "pallas_gpu_full": dict(implementation="pallas_gpu", filter_eps=None),
         "pallas_gpu_exact": dict(implementation="pallas_gpu", exact=True)}[method]

@@ -10,7 +10,7 @@ import numpy as np
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
 
-IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "xla_chunked", "reference")
+IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "xla_chunked", "xla_fused", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 # finfo(bf16).eps / 32: below this, a softmax entry of a 16-bit model cannot move its gradient (CCE §4.3).
 DEFAULT_FILTER_EPS = 2.0 ** -12
@@ -98,7 +98,7 @@ def resolve_implementation(implementation, interpret, config, *, platform):
         f"implementation='pallas_gpu' needs an NVIDIA GPU (the default backend is {platform!r}); pass "
         "interpret=True to run the kernels in the Pallas interpreter")
   if config is not None:
-    wanted = {"xla_chunked": XlaChunkedConfig, "pallas_gpu": PallasGpuConfig}.get(chosen)
+    wanted = {"xla_chunked": XlaChunkedConfig, "xla_fused": XlaChunkedConfig, "pallas_gpu": PallasGpuConfig}.get(chosen)
     if wanted is None or not isinstance(config, wanted):
       raise TypeError(
           f"config must be {wanted.__name__ if wanted else 'None'} for implementation {chosen!r}, got "

@@ -127,6 +127,14 @@ def test_interpret_any_tile_shape(block_n, block_v, block_d, splits, flat_loop):
 def test_config_rejects_non_powers_of_two(bad):
   with pytest.raises(ValueError, match="power of 2"):
     PallasGpuConfig(block_n=bad)
+  with pytest.raises(ValueError, match="power of 2"):
+    PallasGpuConfig(grad_block_d=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, None])
+def test_config_rejects_bad_buffer(bad):
+  with pytest.raises(ValueError, match="backward_buffer_bytes"):
+    PallasGpuConfig(backward_buffer_bytes=bad)
 
 
 @pytest.fixture

@@ -50,10 +50,13 @@ def _batch(b, v, seed=0):
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-def _compiled_bytes(steps, b, v):
+def _compiled_bytes(steps, b, v, autotune=True):
+  """Device bytes of the compiled train step at batch b. autotune=False compiles without XLA's GEMM autotuning,
+  which dominates the compile time on a GPU (used by the max-batch search, which only needs the memory)."""
   shapes = jax.eval_shape(lambda: _batch(b, v))
   batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=steps.batch_sharding) for k, x in shapes.items()}
-  mem = steps.train_step.lower(steps.state, batch).compile().memory_analysis()
+  options = None if autotune else {"xla_gpu_autotune_level": 0}
+  mem = steps.train_step.lower(steps.state, batch).compile(compiler_options=options).memory_analysis()
   return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
 
 
@@ -69,7 +72,7 @@ def max_batch(mcfg, loss, limit_bytes):
 
   def fits(b):
     try:
-      return _compiled_bytes(steps, b, mcfg.V) <= limit_bytes
+      return _compiled_bytes(steps, b, mcfg.V, autotune=False) <= limit_bytes
     except jax.errors.JaxRuntimeError as err:  # the compiler's autotuner ran out of memory: it does not fit
       if "RESOURCE_EXHAUSTED" in str(err):
         return False

@@ -46,6 +46,8 @@ def default_candidates(n: int, v: int, d: int, *, softcap=None, filtered: bool =
               dataclasses.replace(base, num_stages=4), dataclasses.replace(base, block_n=64),
               dataclasses.replace(base, block_d=32), dataclasses.replace(base, dense_backward_above=0.3),
               dataclasses.replace(base, dense_backward_above=0.7)]
+  if filtered:
+    variants.append(dataclasses.replace(base, sort_vocabulary=True))
   return list(dict.fromkeys(variants))  # frozen dataclasses: drop duplicates, keep the order
 
 

@@ -57,11 +57,12 @@ def naive_loss(e, c, targets, softcap):
 def loss_fn(method, softcap):
   if method == "naive":
     return lambda e, c, t: naive_loss(e, c, t, softcap)
-  if method == "pallas_gpu_sparse":  # filtered, always through the tile-skipping kernel
+  if method in ("pallas_gpu_sparse", "pallas_gpu_sorted"):
+    # filtered, always through the tile-skipping kernels; "sorted": the vocabulary sorted by mean logit first
     def sparse(e, c, t):
       cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap, filtered=True)
-      return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu",
-                                  config=dataclasses.replace(cfg, dense_backward_above=1.0))
+      cfg = dataclasses.replace(cfg, dense_backward_above=1.0, sort_vocabulary=method == "pallas_gpu_sorted")
+      return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", config=cfg)
     return sparse
   kw = {"reference": dict(implementation="reference"), "xla_chunked": dict(implementation="xla_chunked"),
         "xla_fused": dict(implementation="xla_fused"), "xla_fused_exact": dict(implementation="xla_fused", exact=True),

@@ -47,9 +47,31 @@ def cross_entropy_per_token(e_ND, c_VD, bias_V, targets_N, valid_N, *, softcap, 
                             filter_eps, exact, config, interpret=False):
   """Per-token loss [N] (0 where not valid_N) and LSE [N], fp32, by the Pallas kernels."""
   spec = _spec(softcap, 1.0, bool(label_smoothing), False, config, exact, filter_eps, interpret)
+  if config.sort_vocabulary and _tile_skipping(spec):
+    c_VD, bias_V, targets_N = _sorted_vocabulary(e_ND, c_VD, bias_V, targets_N, valid_N)
   stats = LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N))
   return stats_losses.cross_entropy(stats, valid_N, vocab_size=c_VD.shape[0],
                                     label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def _sorted_vocabulary(e_ND, c_VD, bias_V, targets_N, valid_N):
+  """(c, bias, targets) with the vocabulary reordered by decreasing mean logit over the scored tokens
+  ((mean e) @ c.T + bias: exact without a softcap, a ranking heuristic with one), so that the entries that keep
+  logit tiles alive share tiles (CCE §4.3). The loss does not change; the gradients reach c and bias through the
+  gather (a scatter of unique rows). Costs a permuted copy of c."""
+  v = c_VD.shape[0]
+  w_N = valid_N.astype(jnp.float32)
+  mean_e = (w_N @ e_ND.astype(jnp.float32)) / jnp.maximum(jnp.sum(w_N), 1.0)
+  score = c_VD.astype(jnp.float32) @ mean_e
+  if bias_V is not None:
+    score = score + bias_V.astype(jnp.float32)
+  perm = jnp.argsort(-score, stable=True)
+  rank = jnp.zeros((v,), jnp.int32).at[perm].set(jnp.arange(v, dtype=jnp.int32), unique_indices=True)
+  targets = targets_N.astype(jnp.int32)
+  in_range = (targets >= 0) & (targets < v)
+  targets = jnp.where(in_range, rank[jnp.clip(targets, 0, v - 1)], targets)
+  gather = lambda x: x.at[perm].get(unique_indices=True, mode="promise_in_bounds")
+  return gather(c_VD), None if bias_V is None else gather(bias_V), targets
 
 
 def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, exact, config, interpret=False):

@@ -107,6 +107,48 @@ def test_tile_skipping_backward_in_several_passes(filter_eps):
       assert helpers.rel_err(a, r) < 1e-5
 
 
+@pytest.mark.parametrize("filter_eps", [1e-30, "auto"])
+def test_sorted_vocabulary_keeps_loss_and_gradients(filter_eps):
+  e, c, targets, bias = helpers.make_inputs(43, (60,), 32, 500, bias=True, regime="peaked", ignore_frac=0.1)
+  cfg = PallasGpuConfig(block_n=16, block_v=32, block_d=16, grad_block_d=16, num_splits=2, dense_backward_above=1.0)
+
+  def run(impl, **kw):
+    f = lambda e, c, b: cce_jax.linear_cross_entropy(e, c, targets, bias=b, softcap=5.0, implementation=impl, **kw)
+    return jax.value_and_grad(f, argnums=(0, 1, 2))(e, c, bias)
+
+  plain = run("pallas_gpu", config=cfg, filter_eps=filter_eps, interpret=True)
+  ordered = run("pallas_gpu", config=dataclasses.replace(cfg, sort_vocabulary=True), filter_eps=filter_eps,
+                interpret=True)
+  ref = run("reference")
+  np.testing.assert_allclose(ordered[0], plain[0], rtol=1e-6)
+  tol = 1e-5 if filter_eps == 1e-30 else 5e-2
+  for g, r in zip(ordered[1], ref[1]):
+    assert helpers.rel_err(g, r) < tol
+
+
+def test_sorted_vocabulary_clusters_the_kept_tiles():
+  """A few entries that every token rates highly (frequent words) keep a tile each wherever they sit; sorted by
+  mean logit they share a few tiles, so far fewer tiles are kept."""
+  ks = jax.random.split(jax.random.key(44), 4)
+  n, d, v = 96, 32, 2048
+  u = jax.random.normal(ks[0], (d,)) / np.sqrt(d)
+  frequent = jax.random.uniform(ks[1], (v,)) < 0.03
+  c = jax.random.normal(ks[2], (v, d)) * 0.3 / np.sqrt(d) + jnp.where(frequent, 6.0, 0.0)[:, None] * u
+  e = jax.random.normal(ks[3], (n, d)) * 0.5 + 2.0 * u * np.sqrt(d)
+  targets = jnp.zeros((n,), jnp.int32)  # a frequent entry's tile is kept either way
+  targets = targets + jnp.argmax(frequent)
+  valid = jnp.ones((n,), bool)
+  cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=2)
+  spec = pallas_gpu._spec(None, 1.0, False, False, cfg, False, 2.0 ** -12, True)
+
+  def kept(c, targets):
+    (lse, *_), residuals = pallas_gpu._stats_fwd(spec, e, c, None, targets)
+    return float(jnp.mean(pallas_gpu._tile_keep_mask(spec, residuals[-1], targets, lse, jnp.ones((n,)), v)))
+
+  c_sorted, _, t_sorted = pallas_gpu._sorted_vocabulary(e, c, None, targets, valid)
+  assert kept(c_sorted, t_sorted) < 0.5 * kept(c, targets)
+
+
 @pytest.mark.parametrize("flat_loop", [False, True])
 @pytest.mark.parametrize("block_n,block_v,block_d,splits", [(1, 1, 1, 1), (4, 8, 8, 5), (64, 512, 64, None)])
 def test_interpret_any_tile_shape(block_n, block_v, block_d, splits, flat_loop):

@@ -127,18 +127,14 @@ def linear_cross_entropy(
       filter_eps=filter_eps, exact=exact, **backend_kwargs)
   loss_N = loss_N * _nan_where_out_of_range(targets_N, valid_N, c.shape[0], loss_N.dtype)
 
-  if weights is None:
-    weights_N = valid_N.astype(loss_N.dtype)
-  else:
-    weights_N = jnp.where(valid_N, weights.reshape(-1).astype(loss_N.dtype), 0.0)
+  weights_N = _token_weights(valid_N, weights, loss_N.dtype)
   loss_N = loss_N * weights_N
   if reduction == "none":
     loss = loss_N.reshape(batch_shape)
   elif reduction == "sum":
     loss = jnp.sum(loss_N)
   else:
-    total = jnp.sum(weights_N)
-    loss = jnp.sum(loss_N) / jnp.where(total == 0, 1.0, total)
+    loss = jnp.sum(loss_N) / _mean_divisor(weights_N)
   return (loss, lse_N.reshape(batch_shape)) if return_lse else loss
 
 
@@ -219,18 +215,26 @@ def _fused_loss(e_ND, c, bias, targets_N, valid_N, weights, *, reduction, softca
   n, v = e_ND.shape[0], c.shape[0]
   if n == 0:
     return jnp.zeros((), jnp.float32)
-  dtype = jnp.float32
-  if weights is None:
-    weights_N = valid_N.astype(dtype)
-  else:
-    weights_N = jnp.where(valid_N, weights.reshape(-1).astype(dtype), 0.0)
-  coef_N = weights_N * _nan_where_out_of_range(targets_N, valid_N, v, dtype)
+  weights_N = _token_weights(valid_N, weights, jnp.float32)
+  coef_N = weights_N * _nan_where_out_of_range(targets_N, valid_N, v, jnp.float32)
   if reduction == "mean":
-    total = jnp.sum(weights_N)
-    coef_N = coef_N / jnp.where(total == 0, 1.0, total)
+    coef_N = coef_N / _mean_divisor(weights_N)
   return xla_fused.reduced_loss(e_ND, c, bias, targets_N, coef_N, softcap=softcap,
                                 label_smoothing=label_smoothing, z_loss=z_loss, exact=exact,
                                 config=(config or xla_fused.default_config(n, v)).clamped(n, v))
+
+
+def _token_weights(valid_N, weights, dtype):
+  """Each token's weight in the reduced loss [N]: `weights` (or 1) where the token is scored, else 0."""
+  if weights is None:
+    return valid_N.astype(dtype)
+  return jnp.where(valid_N, weights.reshape(-1).astype(dtype), 0.0)
+
+
+def _mean_divisor(weights_N):
+  """sum(weights_N), or 1 when it is 0 (a mean over no scored token is 0)."""
+  total = jnp.sum(weights_N)
+  return jnp.where(total == 0, 1.0, total)
 
 
 def _backend(name, requested, config, interpret, e_shape, c_shape, softcap, filtered=False):

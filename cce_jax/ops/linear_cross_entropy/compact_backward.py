@@ -31,7 +31,7 @@ from jax.experimental.pallas import triton as plgpu
 from cce_jax.ops.linear_cross_entropy import triton_tiles
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 
-_block_start = triton_tiles.block_start
+_block_start = xla_chunked.block_start
 
 
 def tile_dz(e_ref, c_ref, b_ref, row_refs, i, j, *, spec, n, v, d):

@@ -10,7 +10,7 @@ Splitting the vocabulary keeps the GPU full when N / block_n is small.
 
 Backward. Without filtering (`filter_eps=None`) and with `exact=True` it is the blockwise XLA backward: dense
 GEMMs over large blocks, no atomics, deterministic. With filtering the forward also writes each row's largest
-logit in each vocabulary tile ([V tiles, N], bf16 rounded up), which bounds every softmax entry of a tile by
+logit in each vocabulary tile ([N, V tiles], bf16 rounded up), which bounds every softmax entry of a tile by
 exp(row max - LSE of the row); the backward turns that into a keep mask over the [N tiles, V tiles] logit tiles
 (tiles holding a live row's target always kept) and
 - when at most `dense_backward_above` of the tiles are kept, runs `compact_backward` over the kept tiles only:
@@ -268,7 +268,7 @@ def _tile_keep_mask(spec, rmax, targets_N, lse, inv_r, v):
 
 
 def _tile_skipping(spec) -> bool:
-  """Whether the backward may run the tile-skipping kernel (and so the forward writes tile maxima)."""
+  """Whether the backward may run the tile-skipping kernels (and so the forward writes per-row tile maxima)."""
   return (spec.stats.filter_eps is not None and not spec.stats.exact
           and spec.config.dense_backward_above > 0.0)
 

@@ -10,17 +10,10 @@ from jax.experimental import pallas as pl
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 
 
-def block_start(index, block, size):
-  """(start, first): block `index` of `block` entries starts at `first`; a block that would run past `size` is
-  moved back to end at the edge (start < first), and its entries before `first` belong to the previous block."""
-  first = index * block
-  return jnp.minimum(first, size - block), first
-
-
 def logit_chunk(e_ref, c_ref, n_start, v_start, k, *, bn, bv, bd, d, precision):
   """The D chunk k of e[n_start:+bn] @ c[v_start:+bv].T: a [bn, bv] fp32 partial product."""
   compute = jnp.result_type(e_ref.dtype, c_ref.dtype)
-  d_start, d_first = block_start(k, bd, d)
+  d_start, d_first = xla_chunked.block_start(k, bd, d)
   e_blk = e_ref[pl.ds(n_start, bn), pl.ds(d_start, bd)].astype(compute)
   c_blk = c_ref[pl.ds(v_start, bv), pl.ds(d_start, bd)].astype(compute)
   if d % bd:  # the moved-back last chunk must not count its first columns twice

@@ -112,8 +112,9 @@ def _cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def _block_start(i, block, size):
-  """Start of block i, moved back so the block ends inside the array; returns (start, first_new_index)."""
+def block_start(i, block, size):
+  """(start, first): block i of `block` entries starts at `first`; a block that would run past `size` is moved
+  back to end at the edge (start < first), and its entries before `first` belong to the previous block."""
   first = i * block
   return jnp.minimum(first, size - block), first
 
@@ -133,14 +134,14 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
   init = dict(m=jnp.full((n,), -jnp.inf, acc), l=zeros, st=zeros, ssum=zeros, w=zeros)
 
   def v_step(state, j):
-    v_start, v_first = _block_start(j, bv, v)
+    v_start, v_first = block_start(j, bv, v)
     c_blk = lax.dynamic_slice(c_VD, (v_start, 0), (bv, d))
     b_blk = None if bias_V is None else lax.dynamic_slice(bias_V, (v_start,), (bv,))
     cols = v_start + jnp.arange(bv)
     col_new = cols >= v_first
 
     def n_step(state, i):
-      n_start, n_first = _block_start(i, bn, n)
+      n_start, n_first = block_start(i, bn, n)
       row_new = (n_start + jnp.arange(bn)) >= n_first
       e_blk = lax.dynamic_slice(e_ND, (n_start, 0), (bn, d))
       t_blk = lax.dynamic_slice(targets_N, (n_start,), (bn,))
@@ -229,7 +230,7 @@ def stats_backward(spec, residuals, cotangents):
 
   def v_step(carry, j):
     de_acc, dc, db = carry
-    v_start, v_first = _block_start(j, bv, v)
+    v_start, v_first = block_start(j, bv, v)
     c_blk = lax.dynamic_slice(c_VD, (v_start, 0), (bv, d))
     b_blk = None if bias_V is None else lax.dynamic_slice(bias_V, (v_start,), (bv,))
     cols = v_start + jnp.arange(bv)
@@ -237,7 +238,7 @@ def stats_backward(spec, residuals, cotangents):
 
     def n_step(carry, i):
       de_acc, dc_blk, db_blk = carry
-      n_start, n_first = _block_start(i, bn, n)
+      n_start, n_first = block_start(i, bn, n)
       rows = lambda x: lax.dynamic_slice(x, (n_start,), (bn,))
       row_ok = ((n_start + jnp.arange(bn)) >= n_first) & rows(row_live)
       e_blk = lax.dynamic_slice(e_ND, (n_start, 0), (bn, d))

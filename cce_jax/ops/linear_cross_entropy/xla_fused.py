@@ -94,11 +94,11 @@ def _run(spec, e_ND, c_VD, bias_V, targets_N, coef_N, *, grads):
     total = jnp.sum(s, axis=1) if spec.stats.with_sum else jnp.zeros_like(lse)
     stats = LogitStats(lse, target_logit, total, jnp.zeros_like(lse))
     live = w_blk != 0  # NaN weights stay live, so that NaN reaches the loss and the gradients
-    loss = jnp.where(live, token_losses(stats, live), 0.0)
     if not grads:
-      return carry, (loss,)
+      return carry, (token_losses(stats, live),)
     dc, db = carry
-    (g,) = jax.vjp(lambda st: token_losses(st, live), stats)[1](jnp.where(live, w_blk, 0.0))
+    loss, pullback = jax.vjp(lambda st: token_losses(st, live), stats)
+    (g,) = pullback(jnp.where(live, w_blk, 0.0))
     col = lambda x: x[:, None]
     ds = xla_chunked.tile_dlogits(s, cols, col(t_blk), col(lse), col(stats.mean_logit), col(g.lse),
                                   col(g.target_logit), col(g.sum_logits), col(g.mean_logit), spec.stats)

@@ -64,6 +64,12 @@ def loss_fn(method, softcap):
       cfg = dataclasses.replace(cfg, dense_backward_above=1.0, sort_vocabulary=method == "pallas_gpu_sorted")
       return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", config=cfg)
     return sparse
+  if method == "pallas_gpu_triton":  # the default, with the Triton forward where Mosaic GPU's would run
+    def triton(e, c, t):
+      cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap, filtered=True)
+      cfg = dataclasses.replace(cfg, forward_kernel="triton")
+      return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", config=cfg)
+    return triton
   kw = {"reference": dict(implementation="reference"), "xla_chunked": dict(implementation="xla_chunked"),
         "xla_fused": dict(implementation="xla_fused"), "xla_fused_exact": dict(implementation="xla_fused", exact=True),
         "pallas_gpu": dict(implementation="pallas_gpu"),

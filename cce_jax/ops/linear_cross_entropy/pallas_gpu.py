@@ -1,4 +1,4 @@
-"""Pallas (Triton) kernels for NVIDIA GPUs: the per-token logit statistics and their backward.
+"""Pallas kernels for NVIDIA GPUs: the per-token logit statistics and their backward.
 
 Same contract as `xla_chunked.logit_stats` (see there for the math): one custom_vjp whose outputs are the
 per-token LSE, target logit, logit sum and softmax-mean logit, from which `stats_losses` forms every loss.
@@ -6,7 +6,9 @@ per-token LSE, target logit, logit sum and softmax-mean logit, from which `stats
 Forward (`cce_fwd`): grid (token tiles, vocabulary splits). A program owns `block_n` tokens and one contiguous
 split of the vocabulary, walks it `block_v` columns at a time, builds each [block_n, block_v] logit tile by a loop
 over D in `block_d` chunks (fp32 accumulation) and keeps an online log-sum-exp; the splits are merged in XLA.
-Splitting the vocabulary keeps the GPU full when N / block_n is small.
+Splitting the vocabulary keeps the GPU full when N / block_n is small. On Hopper GPUs the forward runs the
+Mosaic GPU kernel of `mosaic_forward` instead (wgmma/TMA, warp specialised; same partial outputs) where its
+input conditions hold (`PallasGpuConfig.forward_kernel`).
 
 Backward. Without filtering (`filter_eps=None`) and with `exact=True` it is the blockwise XLA backward: dense
 GEMMs over large blocks, no atomics, deterministic. With filtering the forward also writes each row's largest
@@ -36,6 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from cce_jax.ops.linear_cross_entropy import stats_losses
 from cce_jax.ops.linear_cross_entropy import compact_backward
+from cce_jax.ops.linear_cross_entropy import mosaic_forward
 from cce_jax.ops.linear_cross_entropy import triton_tiles
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
@@ -196,7 +199,43 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
   w_ref[j, rows] = w
 
 
-def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
+def _mosaic_forward(spec, e_ND, c_VD, bias_V) -> bool:
+  """Whether the forward runs the Mosaic GPU kernel (config.forward_kernel, the inputs, the GPU)."""
+  kind = spec.config.forward_kernel
+  if kind == "triton":
+    return False
+  reason = mosaic_forward.unsupported_reason(e_ND, c_VD, bias_V,
+                                             spec.config.block_v if _tile_skipping(spec) else None)
+  if kind == "auto":
+    return reason is None and not spec.interpret and mosaic_forward.is_hopper()
+  if reason is None and not spec.interpret and not mosaic_forward.is_hopper():
+    reason = f"needs a Hopper (sm_90) GPU, got {jax.devices()[0].device_kind}"
+  if reason is not None:
+    raise ValueError(f"PallasGpuConfig(forward_kernel='mosaic'): the Mosaic GPU forward {reason}; "
+                     "forward_kernel='auto' falls back to the Triton forward")
+  return True
+
+
+def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima):
+  """The Mosaic GPU forward: per-(sub)split statistics [2 × splits, N] and the row maxima per block_v tile."""
+  n, v = e_ND.shape[0], c_VD.shape[0]
+  cfg, st_spec = spec.config, spec.stats
+  skipping = row_maxima and _tile_skipping(spec)
+  splits = cfg.num_splits or mosaic_forward.default_splits(n, v)
+  partials, rmax = mosaic_forward.forward_partials(
+      e_ND, c_VD, targets_N, softcap=st_spec.softcap, inv_temperature=st_spec.inv_temperature,
+      with_sum=st_spec.with_sum, with_mean=st_spec.with_mean, with_row_max=skipping, splits=splits,
+      approx_math=cfg.approx_math, interpret=spec.interpret)
+  if rmax is not None:
+    group = cfg.block_v // mosaic_forward.ROW_MAX_BLOCK_V  # 128-wide maxima -> block_v-wide
+    tiles = pl.cdiv(rmax.shape[1], group) * group
+    rmax = jnp.pad(rmax, ((0, 0), (0, tiles - rmax.shape[1])), constant_values=-jnp.inf)
+    rmax = _round_up_bf16(jnp.max(rmax.reshape(n, tiles // group, group), axis=2))
+  return partials, rmax
+
+
+def _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima):
+  """The Triton forward: per-split statistics [splits, N] and the row maxima (or None)."""
   n, d = e_ND.shape
   v = c_VD.shape[0]
   cfg = spec.config
@@ -206,10 +245,10 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
   part = jax.ShapeDtypeStruct((splits, n), xla_chunked.acc_dtype(e_ND.dtype, c_VD.dtype))
   args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + [targets_N.astype(jnp.int32)]
   out_shape = [part] * 5
-  if _tile_skipping(spec):
+  if row_maxima and _tile_skipping(spec):
     v_tiles = pl.cdiv(v, cfg.block_v)
     out_shape.append(jax.ShapeDtypeStruct((n, pl.cdiv(v_tiles, _ROW_MAX_GROUP) * _ROW_MAX_GROUP), jnp.bfloat16))
-  m, l, st, ssum, w, *rmax = pl.pallas_call(
+  outs = pl.pallas_call(
       functools.partial(_fwd_kernel, spec=spec, n=n, v=v, d=d, v_per_split=v_per_split,
                         has_bias=bias_V is not None),
       grid=(pl.cdiv(n, cfg.block_n), splits),
@@ -220,6 +259,16 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
       interpret=spec.interpret,
       name="cce_fwd",
   )(*args)
+  return outs[:5], (outs[5] if len(outs) > 5 else None)
+
+
+def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=True):
+  """Statistics and residuals; the row maxima (for the tile-skipping backward) only when row_maxima."""
+  if _mosaic_forward(spec, e_ND, c_VD, bias_V):
+    partials, rmax = _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima)
+  else:
+    partials, rmax = _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima)
+  m, l, st, ssum, w = partials
   # Merge the vocabulary splits.
   m_max = jnp.max(m, axis=0)
   scale = jnp.exp(m - m_max[None, :])
@@ -227,7 +276,7 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
   lse = m_max + jnp.log(l_sum)
   mean = jnp.sum(w * scale, axis=0) / l_sum if spec.stats.with_mean else jnp.zeros_like(lse)
   out = (lse, jnp.sum(st, axis=0), jnp.sum(ssum, axis=0), mean)
-  return out, (e_ND, c_VD, bias_V, targets_N, lse, mean, rmax[0] if rmax else None)
+  return out, (e_ND, c_VD, bias_V, targets_N, lse, mean, rmax)
 
 
 def _dense_bwd(spec, residuals, cotangents):
@@ -289,7 +338,7 @@ def _stats_bwd(spec, residuals, cotangents):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _stats(spec, e_ND, c_VD, bias_V, targets_N):
-  return _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N)[0]
+  return _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=False)[0]  # no backward: no row maxima
 
 
 _stats.defvjp(_stats_fwd, _stats_bwd)

@@ -81,7 +81,10 @@ class PallasGpuConfig:
       specialised) needs bf16 e and c, no bias, D a multiple of 16 and V a multiple of 8, and fixes its own
       128 × 256 CTA tiles (block_n, block_d, num_warps and num_stages are the Triton forward's); num_splits
       applies to both. H100, gemma2_2b forward: 15.3 ms vs Triton's 22.4.
-    approx_math: the Mosaic forward's exp2 and tanh use the GPU's approximate instructions (loss error ~1e-6
+    dense_backward_kernel: where the gradient is not filtered (exact mode, filter_eps=None), "auto" takes the
+      dense backward's dZ from the Mosaic GPU kernel of `mosaic_dlogits` on Hopper GPUs where it applies (same
+      conditions as the Mosaic forward), else from XLA; "xla"; or "mosaic" (an error where it does not apply).
+    approx_math: the Mosaic kernels' exp2 and tanh use the GPU's approximate instructions (loss error ~1e-6
       relative; 15.3 vs 20.6 ms at gemma2_2b on an H100).
   """
 
@@ -100,6 +103,7 @@ class PallasGpuConfig:
   grad_block_d: int = 128
   sort_vocabulary: bool = False
   forward_kernel: str = "auto"
+  dense_backward_kernel: str = "auto"
   approx_math: bool = True
 
   def __post_init__(self):
@@ -124,6 +128,9 @@ class PallasGpuConfig:
     if self.forward_kernel not in ("auto", "triton", "mosaic"):
       raise ValueError("PallasGpuConfig.forward_kernel must be 'auto', 'triton' or 'mosaic', got "
                        f"{self.forward_kernel!r}")
+    if self.dense_backward_kernel not in ("auto", "xla", "mosaic"):
+      raise ValueError("PallasGpuConfig.dense_backward_kernel must be 'auto', 'xla' or 'mosaic', got "
+                       f"{self.dense_backward_kernel!r}")
     if not isinstance(self.approx_math, bool):
       raise ValueError(f"PallasGpuConfig.approx_math must be a bool, got {self.approx_math!r}")
     if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):

@@ -38,6 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from cce_jax.ops.linear_cross_entropy import stats_losses
 from cce_jax.ops.linear_cross_entropy import compact_backward
+from cce_jax.ops.linear_cross_entropy import mosaic_dlogits
 from cce_jax.ops.linear_cross_entropy import mosaic_forward
 from cce_jax.ops.linear_cross_entropy import triton_tiles
 from cce_jax.ops.linear_cross_entropy import xla_chunked
@@ -216,6 +217,23 @@ def _mosaic_forward(spec, e_ND, c_VD, bias_V) -> bool:
   return True
 
 
+def _mosaic_dlogits(spec, e_ND, c_VD, bias_V) -> bool:
+  """Whether the dense backward takes dZ from the Mosaic GPU kernel (config.dense_backward_kernel, no gradient
+  filtering, the inputs, the GPU)."""
+  kind = spec.config.dense_backward_kernel
+  if kind == "xla" or (spec.stats.filter_eps is not None and not spec.stats.exact):
+    return False
+  reason = mosaic_forward.unsupported_reason(e_ND, c_VD, bias_V)
+  if kind == "auto":
+    return reason is None and not spec.interpret and mosaic_forward.is_hopper()
+  if reason is None and not spec.interpret and not mosaic_forward.is_hopper():
+    reason = f"needs a Hopper (sm_90) GPU, got {jax.devices()[0].device_kind}"
+  if reason is not None:
+    raise ValueError(f"PallasGpuConfig(dense_backward_kernel='mosaic'): the Mosaic GPU kernel {reason}; "
+                     "dense_backward_kernel='auto' falls back to the XLA backward")
+  return True
+
+
 def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima):
   """The Mosaic GPU forward: per-(sub)split statistics [2 × splits, N] and the row maxima per block_v tile."""
   n, v = e_ND.shape[0], c_VD.shape[0]
@@ -280,10 +298,17 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=True):
 
 
 def _dense_bwd(spec, residuals, cotangents):
-  """The blockwise XLA backward (dense GEMMs, no atomics; deterministic): exact mode, no filtering, or filtering
-  that would keep most tiles."""
+  """The blockwise dense backward (dense GEMMs, no atomics; deterministic): exact mode, no filtering, or
+  filtering that would keep most tiles. Without filtering on Hopper, dZ comes from the Mosaic GPU kernel of
+  `mosaic_dlogits`; else the XLA backward."""
   e_ND, c_VD = residuals[0], residuals[1]
   n, v = e_ND.shape[0], c_VD.shape[0]
+  if _mosaic_dlogits(spec, e_ND, c_VD, residuals[2]):
+    tiles = spec.config.exact_backward_tiles(n, v)
+    return mosaic_dlogits.dense_backward(
+        spec.stats, residuals, cotangents, block_n=tiles.block_n, block_v=tiles.block_v,
+        splits=spec.config.num_splits or mosaic_forward.default_splits(tiles.block_n, tiles.block_v),
+        approx_math=spec.config.approx_math, interpret=spec.interpret)
   xla_spec = dataclasses.replace(spec.stats, config=spec.config.exact_backward_tiles(n, v))
   return xla_chunked.stats_backward(xla_spec, residuals[:6], cotangents)
 

@@ -1,0 +1,122 @@
+"""The warp-specialised logit-tile pipeline shared by the Mosaic GPU (Hopper) kernels.
+
+A CTA owns `BN` = 128 tokens and a range of the vocabulary, and runs three warpgroups:
+- warpgroup 2 (the producer, 40 registers per thread) streams [128, bd] chunks of e and [256, bd] chunks of c
+  into a ring of `stages` shared-memory slots by TMA, waiting on an "empty" barrier before reusing a slot;
+- warpgroups 0 and 1 (the consumers, 232 registers) each take 128 of the 256 vocabulary rows of every chunk,
+  accumulate their [128, 128] logit tile z with wgmma over D (fp32 in registers), release the slot, and hand z to
+  the kernel's epilogue while the other consumer's wgmmas keep the tensor cores busy.
+Out-of-bounds rows and columns of the last tiles are zero-filled by TMA; epilogues mask them.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BN = 128  # tokens per CTA tile (two wgmma M = 64 per consumer warpgroup)
+BV = 128  # vocabulary entries per consumer tile
+CTA_V = 2 * BV
+MAX_SMEM_BYTES = 227 * 1024
+
+
+def block_d(d: int) -> int:
+  """The D chunk per pipeline step (64 bf16 = one 128-byte swizzle row; smaller for D not a multiple of 64)."""
+  return next(bd for bd in (64, 32, 16) if d % bd == 0)
+
+
+def num_stages(bd: int, other_smem_bytes: int) -> int:
+  """Ring slots that fit next to the epilogue's shared memory (at most 8)."""
+  per_stage = (BN + CTA_V) * bd * 2
+  return max(2, min(8, (MAX_SMEM_BYTES - other_smem_bytes - 8192) // per_stage, 196608 // per_stage))
+
+
+def row_layout(x):
+  """A [BN] fp32 register array in the accumulator's row layout."""
+  return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+
+def logit_tiles(e_ref, c_ref, *, n0, v_lo, num_tiles, d, stages, scratch_types, consumer):
+  """Runs the pipeline over `num_tiles` CTA tiles of 256 vocabulary rows from v_lo, tokens [n0, n0 + 128).
+
+  consumer(wg, for_each_tile, *scratch) runs in both consumer warpgroups (wg = 0, 1) with the shared-memory
+  scratch allocated from `scratch_types`; for_each_tile(body, init) folds body(t, v_start, z, carry) over this
+  warpgroup's tiles: v_start = v_lo + 256 t + 128 wg is the first vocabulary row of z [128, 128] fp32.
+  """
+  bd = block_d(d)
+  n_d = d // bd
+  swizzle = plgpu.find_swizzle(bd * 16)
+  transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+  steps = num_tiles * n_d
+
+  def scoped(e_smem, c_smem, full, empty, *scratch):
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+
+      def for_each_tile(body, init):
+        def tile_body(t, carry):
+          g0 = t * n_d
+
+          def mma(acc_ref):
+            def k_body(kd, _):
+              g = g0 + kd
+              slot = lax.rem(g, stages)
+              plgpu.barrier_wait(full.at[slot])
+              plgpu.wgmma(acc_ref, e_smem.at[slot], c_smem.at[slot].at[pl.ds(wg * BV, BV)].transpose((1, 0)))
+              plgpu.wgmma_wait(1)  # the previous chunk's wgmma is done: release its slot
+
+              @pl.when(kd > 0)
+              def _():
+                plgpu.barrier_arrive(empty.at[lax.rem(g - 1, stages)])
+
+            lax.fori_loop(0, n_d, k_body, None)
+            z = acc_ref[...]  # waits for the last wgmma group
+            plgpu.barrier_arrive(empty.at[lax.rem(g0 + n_d - 1, stages)])
+            return z
+
+          z = pl.run_scoped(mma, plgpu.ACC((BN, BV), jnp.float32))
+          return body(t, v_lo + t * CTA_V + wg * BV, z, carry)
+
+        return lax.fori_loop(0, num_tiles, tile_body, init)
+
+      consumer(wg, for_each_tile, *scratch)
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def step(g, _):
+        slot = lax.rem(g, stages)
+        kd = lax.rem(g, n_d)
+        t = lax.div(g, n_d)
+
+        @pl.when(g >= stages)
+        def _():
+          plgpu.barrier_wait(empty.at[slot])
+
+        plgpu.copy_gmem_to_smem(e_ref.at[pl.ds(n0, BN), pl.ds(kd * bd, bd)], e_smem.at[slot], full.at[slot])
+        for w in (0, 1):
+          plgpu.copy_gmem_to_smem(c_ref.at[pl.ds(v_lo + t * CTA_V + w * BV, BV), pl.ds(kd * bd, bd)],
+                                  c_smem.at[slot].at[pl.ds(w * BV, BV)], full.at[slot])
+
+      lax.fori_loop(0, steps, step, None)
+
+      def drain(g, _):  # the consumers' last releases: no barrier is left mid-phase at exit
+        plgpu.barrier_wait(empty.at[lax.rem(g, stages)])
+
+      lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
+
+  pl.run_scoped(
+      scoped,
+      plgpu.SMEM((stages, BN, bd), e_ref.dtype, transforms=transforms),
+      plgpu.SMEM((stages, CTA_V, bd), c_ref.dtype, transforms=transforms),
+      plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # full: the e copy and two c copies
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # empty: both consumers
+      *scratch_types,
+      collective_axes="wg",
+  )

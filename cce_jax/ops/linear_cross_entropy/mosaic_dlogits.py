@@ -38,29 +38,17 @@ def dlogits(e_ND, c_VD, targets_N, rows_RN, *, softcap, inv_temperature, with_su
   v_out = pl.cdiv(v, mp.BV) * mp.BV  # whole [128, 128] tiles per TMA store
   out_bytes = 2 * mp.BN * mp.BV * 2
   stages = mp.num_stages(mp.block_d(d), out_bytes + 2 * _ROWS * mp.BN * 4 + 1024)
-  v_per_split = pl.cdiv(pl.cdiv(v, splits), mp.CTA_V) * mp.CTA_V
-  splits = pl.cdiv(v, v_per_split)
-  n_tiles = pl.cdiv(n, mp.BN)
+  v_per_split, splits = mp.split_vocabulary(v, splits)
   kernel = functools.partial(_kernel, d=d, v=v, stages=stages, v_per_split=v_per_split, softcap=softcap,
                              inv_temperature=inv_temperature, with_sum=with_sum, with_mean=with_mean)
-  dz = plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct((n, v_out), e_ND.dtype),
-      grid=(n_tiles, splits),
-      grid_names=("tok", "split"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=approx_math),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(e_ND, c_VD, targets_N.astype(jnp.int32), rows_RN)
+  dz = mp.launch(kernel, jax.ShapeDtypeStruct((n, v_out), e_ND.dtype), n=n, splits=splits,
+                 approx_math=approx_math, interpret=interpret)(e_ND, c_VD, targets_N.astype(jnp.int32), rows_RN)
   return dz if v_out == v else dz[:, :v]
 
 
 def _kernel(e_ref, c_ref, t_ref, rows_ref, dz_ref, *, d, v, stages, v_per_split, softcap, inv_temperature,
             with_sum, with_mean):
-  n0 = lax.axis_index("tok") * mp.BN
-  v_lo = lax.axis_index("split") * v_per_split
-  num_tiles = lax.div(jnp.minimum(v - v_lo, v_per_split) + mp.CTA_V - 1, mp.CTA_V)
+  n0, v_lo, num_tiles = mp.cta_range(v, v_per_split)
   swizzle = plgpu.find_swizzle(mp.BV * 16)
   out_transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
 

@@ -35,7 +35,7 @@ _LN2 = math.log(2.0)
 
 
 def unsupported_reason(e_ND, c_VD, bias_V, row_max_block_v=None) -> str | None:
-  """Why the Mosaic forward cannot run these inputs (None when it can)."""
+  """Why the Mosaic GPU kernels (this forward, `mosaic_dlogits`) cannot run these inputs (None when they can)."""
   if e_ND.dtype != jnp.bfloat16 or c_VD.dtype != jnp.bfloat16:
     return f"needs bf16 e and c, got {e_ND.dtype} and {c_VD.dtype}"
   if bias_V is not None:
@@ -86,8 +86,7 @@ def forward_partials(e_ND, c_VD, targets_N, *, softcap, inv_temperature, with_su
     e_ND = jnp.pad(e_ND, ((0, n8 - n), (0, 0)))
     targets_N = jnp.pad(targets_N, (0, n8 - n))
   stages = mp.num_stages(mp.block_d(d), 8192)
-  v_per_split = pl.cdiv(pl.cdiv(v, splits), mp.CTA_V) * mp.CTA_V
-  splits = pl.cdiv(v, v_per_split)
+  v_per_split, splits = mp.split_vocabulary(v, splits)
   n_tiles = pl.cdiv(n8, _BN)
   n_pad = n_tiles * _BN  # TMA stores whole [128] rows
   kernel = functools.partial(
@@ -97,16 +96,8 @@ def forward_partials(e_ND, c_VD, targets_N, *, softcap, inv_temperature, with_su
   out_type = [part] * 5
   if with_row_max:
     out_type.append(jax.ShapeDtypeStruct((pl.cdiv(v, _BV), n_pad), jnp.float32))
-  outs = plgpu.kernel(
-      kernel,
-      out_type=out_type,
-      grid=(n_tiles, splits),
-      grid_names=("tok", "split"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=approx_math),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(e_ND, c_VD, targets_N.astype(jnp.int32))
+  outs = mp.launch(kernel, out_type, n=n8, splits=splits, approx_math=approx_math, interpret=interpret)(
+      e_ND, c_VD, targets_N.astype(jnp.int32))
   stats = tuple(o[:, :n] for o in outs[:5])
   return stats, (outs[5][:, :n].T if with_row_max else None)
 
@@ -115,10 +106,8 @@ def _kernel(e_ref, c_ref, t_ref, m_ref, l_ref, st_ref, sum_ref, w_ref, *rest, d,
             softcap, inv_temperature, with_sum, with_mean, with_row_max):
   rmax_ref = rest[0] if with_row_max else None
   stat_refs = (m_ref, l_ref, st_ref, sum_ref, w_ref)
-  n0 = lax.axis_index("tok") * _BN
+  n0, v_lo, num_tiles = mp.cta_range(v, v_per_split)
   j = lax.axis_index("split")
-  v_lo = j * v_per_split
-  num_tiles = lax.div(jnp.minimum(v - v_lo, v_per_split) + mp.CTA_V - 1, mp.CTA_V)
 
   def consumer(wg, for_each_tile, t_smem, out_smem, rmax_smem, tbar):
     plgpu.copy_gmem_to_smem(t_ref.at[pl.ds(n0, _BN)], t_smem.at[wg], tbar.at[wg])

@@ -33,6 +33,32 @@ def num_stages(bd: int, other_smem_bytes: int) -> int:
   return max(2, min(8, (MAX_SMEM_BYTES - other_smem_bytes - 8192) // per_stage, 196608 // per_stage))
 
 
+def split_vocabulary(v: int, splits: int) -> tuple[int, int]:
+  """(vocabulary entries per split, a multiple of 256; the number of non-empty splits)."""
+  v_per_split = pl.cdiv(pl.cdiv(v, splits), CTA_V) * CTA_V
+  return v_per_split, pl.cdiv(v, v_per_split)
+
+
+def launch(kernel, out_type, *, n, splits, approx_math, interpret):
+  """`kernel` over the grid (token tiles of N, vocabulary splits) with three warpgroups per CTA."""
+  return plgpu.kernel(
+      kernel,
+      out_type=out_type,
+      grid=(pl.cdiv(n, BN), splits),
+      grid_names=("tok", "split"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=approx_math),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )
+
+
+def cta_range(v, v_per_split):
+  """(first token, first vocabulary entry, CTA tiles of 256 entries) of this CTA."""
+  v_lo = lax.axis_index("split") * v_per_split
+  return lax.axis_index("tok") * BN, v_lo, lax.div(jnp.minimum(v - v_lo, v_per_split) + CTA_V - 1, CTA_V)
+
+
 def row_layout(x):
   """A [BN] fp32 register array in the accumulator's row layout."""
   return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))

@@ -10,15 +10,17 @@ Splitting the vocabulary keeps the GPU full when N / block_n is small. On Hopper
 Mosaic GPU kernel of `mosaic_forward` instead (wgmma/TMA, warp specialised; same partial outputs) where its
 input conditions hold (`PallasGpuConfig.forward_kernel`).
 
-Backward. Without filtering (`filter_eps=None`) and with `exact=True` it is the blockwise XLA backward: dense
-GEMMs over large blocks, no atomics, deterministic. With filtering the forward also writes each row's largest
+Backward. Without filtering (`filter_eps=None`) and with `exact=True` it is the dense blockwise backward: per
+block of logits, dZ (on Hopper from the Mosaic GPU kernel of `mosaic_dlogits`, else from XLA), then dense
+GEMMs for dE and dC; no atomics, deterministic. With filtering the forward also writes each row's largest
 logit in each vocabulary tile ([N, V tiles], bf16 rounded up), which bounds every softmax entry of a tile by
 exp(row max - LSE of the row); the backward turns that into a keep mask over the [N tiles, V tiles] logit tiles
 (tiles holding a live row's target always kept) and
 - when at most `dense_backward_above` of the tiles are kept, runs `compact_backward` over the kept tiles only:
   their dZ into a buffer, then dE per token tile and dC per vocabulary tile from it (no atomics, deterministic);
-- otherwise runs the dense XLA backward (with the same tile filter), faster when most tiles are kept. The choice
-  is made on the device (`lax.cond`).
+- otherwise runs the dense backward, faster when most tiles are kept (the XLA backward with the filter per block;
+  with `dense_backward_kernel="mosaic"`, dZ of every tile from `mosaic_dlogits`). The choice is made on the
+  device (`lax.cond`).
 
 Triton needs power-of-2 block shapes; the dimensions need not be multiples of them: a block that would run past
 the end of an array is moved back to end at the edge and its already-covered rows/columns are masked, so no
@@ -200,38 +202,39 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
   w_ref[j, rows] = w
 
 
-def _mosaic_forward(spec, e_ND, c_VD, bias_V) -> bool:
-  """Whether the forward runs the Mosaic GPU kernel (config.forward_kernel, the inputs, the GPU)."""
-  kind = spec.config.forward_kernel
-  if kind == "triton":
+def _use_mosaic(spec, field, fallback, reason) -> bool:
+  """Whether a Mosaic GPU kernel runs, for config.<field> in ("auto", "mosaic", fallback) and the reason it
+  cannot run these inputs (None if it can): "auto" on Hopper GPUs when it can; "mosaic" always, else an error."""
+  kind = getattr(spec.config, field)
+  if kind == fallback:
     return False
-  reason = mosaic_forward.unsupported_reason(e_ND, c_VD, bias_V,
-                                             spec.config.block_v if _tile_skipping(spec) else None)
-  if kind == "auto":
-    return reason is None and not spec.interpret and mosaic_forward.is_hopper()
   if reason is None and not spec.interpret and not mosaic_forward.is_hopper():
     reason = f"needs a Hopper (sm_90) GPU, got {jax.devices()[0].device_kind}"
+  if kind == "auto":
+    return reason is None and not spec.interpret
   if reason is not None:
-    raise ValueError(f"PallasGpuConfig(forward_kernel='mosaic'): the Mosaic GPU forward {reason}; "
-                     "forward_kernel='auto' falls back to the Triton forward")
+    raise ValueError(f"PallasGpuConfig({field}='mosaic'): the Mosaic GPU kernel {reason}; {field}='auto' falls "
+                     f"back to the {fallback} kernel")
   return True
+
+
+def _mosaic_forward(spec, e_ND, c_VD, bias_V) -> bool:
+  """Whether the forward runs the Mosaic GPU kernel (config.forward_kernel, the inputs, the GPU)."""
+  row_max_block_v = spec.config.block_v if _tile_skipping(spec) else None
+  return _use_mosaic(spec, "forward_kernel", "triton",
+                     mosaic_forward.unsupported_reason(e_ND, c_VD, bias_V, row_max_block_v))
 
 
 def _mosaic_dlogits(spec, e_ND, c_VD, bias_V) -> bool:
-  """Whether the dense backward takes dZ from the Mosaic GPU kernel (config.dense_backward_kernel, no gradient
-  filtering, the inputs, the GPU)."""
-  kind = spec.config.dense_backward_kernel
-  if kind == "xla" or (spec.stats.filter_eps is not None and not spec.stats.exact):
+  """Whether the dense backward takes dZ from the Mosaic GPU kernel (config.dense_backward_kernel, the inputs,
+  the GPU). With gradient filtering the dense backward is the fallback for when most tiles are kept: "auto"
+  keeps the XLA one there (not yet measured with the Mosaic kernel); "mosaic" computes every tile (the XLA one
+  drops [block_n, block_v] blocks below filter_eps, which at that fraction of kept tiles are rare)."""
+  filtered = spec.stats.filter_eps is not None and not spec.stats.exact
+  if filtered and spec.config.dense_backward_kernel == "auto":
     return False
-  reason = mosaic_forward.unsupported_reason(e_ND, c_VD, bias_V)
-  if kind == "auto":
-    return reason is None and not spec.interpret and mosaic_forward.is_hopper()
-  if reason is None and not spec.interpret and not mosaic_forward.is_hopper():
-    reason = f"needs a Hopper (sm_90) GPU, got {jax.devices()[0].device_kind}"
-  if reason is not None:
-    raise ValueError(f"PallasGpuConfig(dense_backward_kernel='mosaic'): the Mosaic GPU kernel {reason}; "
-                     "dense_backward_kernel='auto' falls back to the XLA backward")
-  return True
+  return _use_mosaic(spec, "dense_backward_kernel", "xla",
+                     mosaic_forward.unsupported_reason(e_ND, c_VD, bias_V))
 
 
 def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima):

@@ -6,6 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cce_jax
+from cce_jax.ops.linear_cross_entropy import mosaic_forward
+
 IGNORE = -100
 
 
@@ -15,6 +18,18 @@ def has_gpu() -> bool:
     return jax.default_backend() == "gpu"
   except RuntimeError:
     return False
+
+def has_hopper() -> bool:
+  """Whether the default device is an sm_90 GPU (for skipif on the compiled Mosaic GPU kernels' tests)."""
+  return has_gpu() and mosaic_forward.is_hopper()
+
+
+def pallas_value_and_grad(e, c, targets, softcap, config, **kw):
+  """Jitted (loss, (dE, dC)) of the op through pallas_gpu with `config`."""
+  f = lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, softcap=softcap, implementation="pallas_gpu",
+                                                config=config, **kw)
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(e, c)
+
 
 # Tolerances, written once. fp32 inputs: relative L2 error against the reference on the same inputs.
 F32_RTOL = 2e-5

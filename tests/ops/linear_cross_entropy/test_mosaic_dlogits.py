@@ -11,7 +11,6 @@ import cce_jax
 from cce_jax import PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy import benchmark
 from cce_jax.ops.linear_cross_entropy import mosaic_dlogits
-from cce_jax.ops.linear_cross_entropy import mosaic_forward
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
 from tests.ops.linear_cross_entropy import helpers
@@ -79,14 +78,11 @@ def test_forced_mosaic_backward_rejects_a_bias():
 
 # ---- compiled on a Hopper GPU ------------------------------------------------------------------------------------
 
-needs_hopper = pytest.mark.skipif(not (helpers.has_gpu() and mosaic_forward.is_hopper()), reason="needs an sm_90 GPU")
+needs_hopper = pytest.mark.skipif(not helpers.has_hopper(), reason="needs an sm_90 GPU")
 
 
 def _grads(e, c, targets, softcap, kernel, **kw):
-  cfg = PallasGpuConfig(dense_backward_kernel=kernel)
-  f = lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, softcap=softcap, implementation="pallas_gpu",
-                                                config=cfg, **kw)
-  return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(e, c)
+  return helpers.pallas_value_and_grad(e, c, targets, softcap, PallasGpuConfig(dense_backward_kernel=kernel), **kw)
 
 
 @pytest.mark.gpu
@@ -101,3 +97,15 @@ def test_compiled_mosaic_backward_matches_xla_and_repeats_bitwise(n, d, v, softc
   for a, b, x in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1]), jax.tree.leaves(xla)):
     np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
     assert helpers.rel_err(a, x) < 1e-2
+
+
+def test_filtered_mode_dense_fallback_computes_every_tile():
+  """With filtering, the dense fallback through the Mosaic kernel gives the unfiltered gradient."""
+  e, c, targets, _ = helpers.make_inputs(10, (40,), 64, 1000, regime="peaked")
+  e, c = e.astype(jnp.bfloat16), c.astype(jnp.bfloat16)
+  cfg = PallasGpuConfig(dense_backward_above=0.0, dense_backward_kernel="mosaic")
+  f = lambda impl, **kw: lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, implementation=impl, **kw)
+  got = jax.grad(f("pallas_gpu", config=cfg, interpret=True), argnums=(0, 1))(e, c)
+  full = jax.grad(f("pallas_gpu", config=cfg, interpret=True, filter_eps=None), argnums=(0, 1))(e, c)
+  for g, r in zip(got, full):
+    np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(r.astype(jnp.float32)))

@@ -78,7 +78,6 @@ def test_default_candidates_start_with_the_heuristic():
   assert len(cands) == len(set(cands)) >= 5
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not helpers.has_gpu(), reason="needs an NVIDIA GPU")
 def test_tunes_on_a_gpu(tmp_path):
@@ -87,3 +86,14 @@ def test_tunes_on_a_gpu(tmp_path):
   best = autotune.autotune(e, c, targets, softcap=30.0, repeats=3, path=path)
   assert best in autotune.default_candidates(2048, 32000, 512, softcap=30.0)
   assert autotune.lookup(e, c, softcap=30.0, path=path) == best
+
+
+def test_default_candidates_add_the_triton_and_xla_alternatives_on_hopper(monkeypatch):
+  monkeypatch.setattr(autotune.mosaic_forward, "is_hopper", lambda: True)
+  filtered = autotune.default_candidates(4096, 128256, 4096)
+  full = autotune.default_candidates(4096, 128256, 4096, filtered=False)
+  assert any(k.forward_kernel == "triton" for k in filtered)
+  assert not any(k.dense_backward_kernel == "xla" for k in filtered)  # "auto" keeps XLA's dense fallback there
+  assert any(k.dense_backward_kernel == "xla" for k in full)
+  monkeypatch.setattr(autotune.mosaic_forward, "is_hopper", lambda: False)
+  assert not any(k.forward_kernel == "triton" for k in autotune.default_candidates(4096, 128256, 4096))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cce_jax.ops.linear_cross_entropy import benchmark
-from cce_jax.ops.linear_cross_entropy import mosaic_forward
+from cce_jax.ops.linear_cross_entropy import mosaic_pipeline
 from cce_jax.ops.linear_cross_entropy.api import linear_cross_entropy
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 
@@ -49,7 +49,7 @@ def default_candidates(n: int, v: int, d: int, *, softcap=None, filtered: bool =
               dataclasses.replace(base, dense_backward_above=0.7)]
   if filtered:
     variants.append(dataclasses.replace(base, sort_vocabulary=True))
-  if mosaic_forward.is_hopper():  # the Mosaic GPU kernels' alternatives, where the heuristic picks them
+  if mosaic_pipeline.is_hopper():  # the Mosaic GPU kernels' alternatives, where the heuristic picks them
     variants += [dataclasses.replace(base, forward_kernel="triton"), dataclasses.replace(base, num_splits=2)]
     if not filtered:
       variants.append(dataclasses.replace(base, dense_backward_kernel="xla"))

@@ -54,22 +54,24 @@ def naive_loss(e, c, targets, softcap):
   return jnp.mean(lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0])
 
 
+# The default filtered config with one change: "sparse" always through the tile-skipping kernels, "sorted" with the
+# vocabulary sorted by mean logit first, "triton" with the Triton forward where Mosaic GPU's would run.
+_FILTERED_VARIANTS = {
+    "pallas_gpu_sparse": dict(dense_backward_above=1.0),
+    "pallas_gpu_sorted": dict(dense_backward_above=1.0, sort_vocabulary=True),
+    "pallas_gpu_triton": dict(forward_kernel="triton"),
+}
+
+
 def loss_fn(method, softcap):
   if method == "naive":
     return lambda e, c, t: naive_loss(e, c, t, softcap)
-  if method in ("pallas_gpu_sparse", "pallas_gpu_sorted"):
-    # filtered, always through the tile-skipping kernels; "sorted": the vocabulary sorted by mean logit first
-    def sparse(e, c, t):
+  if method in _FILTERED_VARIANTS:
+    def variant(e, c, t):
       cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap, filtered=True)
-      cfg = dataclasses.replace(cfg, dense_backward_above=1.0, sort_vocabulary=method == "pallas_gpu_sorted")
+      cfg = dataclasses.replace(cfg, **_FILTERED_VARIANTS[method])
       return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", config=cfg)
-    return sparse
-  if method == "pallas_gpu_triton":  # the default, with the Triton forward where Mosaic GPU's would run
-    def triton(e, c, t):
-      cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap, filtered=True)
-      cfg = dataclasses.replace(cfg, forward_kernel="triton")
-      return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", config=cfg)
-    return triton
+    return variant
   kw = {"reference": dict(implementation="reference"), "xla_chunked": dict(implementation="xla_chunked"),
         "xla_fused": dict(implementation="xla_fused"), "xla_fused_exact": dict(implementation="xla_fused", exact=True),
         "pallas_gpu": dict(implementation="pallas_gpu"),

@@ -5,7 +5,7 @@ the logits tile by tile with the pipeline of `mosaic_pipeline` and writes dZ = d
 epilogue (the XLA backward writes the fp32 logits, reads them back, writes dZ); then two XLA GEMMs
 accumulate dE += dZ @ c_blk (fp32) and dC_blk = dZ.T @ e_blk (fp32 over the token blocks). No atomics, a fixed
 order: bitwise deterministic. No tile is skipped: used where the gradient is not filtered (exact mode,
-filter_eps=None). Same input conditions as `mosaic_forward` (bf16, no bias, D % 16 == 0, V % 8 == 0).
+filter_eps=None). Input conditions: `mosaic_pipeline.unsupported_reason`.
 
 dS = (g_lse + g_mean (1 + s - mean)) softmax(s) + g_target onehot(t) + g_sum, dZ = dS · ds/dz (see
 `xla_chunked.tile_dlogits`).
@@ -99,19 +99,16 @@ def _kernel(e_ref, c_ref, t_ref, rows_ref, dz_ref, *, d, v, stages, v_per_split,
 
 def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, splits, approx_math, interpret):
   """(dE, dC, None, None) of the statistics from their residuals and cotangents, blockwise: dZ by `dlogits`,
-  dE and dC by XLA GEMMs with fp32 accumulation. block_v: a multiple of 256."""
+  dE and dC by XLA GEMMs with fp32 accumulation. Vocabulary blocks of block_v entries (the last one smaller)."""
   e_ND, c_VD, _, targets_N, lse, mean = residuals[:6]
   (g_lse, g_st, g_sum, g_mean), inv_row_scale = xla_chunked.backward_cotangents(stats_spec, residuals, cotangents)
   n, d = e_ND.shape
   v = c_VD.shape[0]
   live = ((inv_row_scale != 0) | (g_sum != 0)).astype(jnp.float32)
   rows = jnp.stack([lse, g_lse, g_st, g_sum, g_mean, mean, live, jnp.zeros_like(lse)]).astype(jnp.float32)
-  n8 = -(-n // 8) * 8
-  targets = targets_N.astype(jnp.int32)
-  if n8 != n:
-    e_ND = jnp.pad(e_ND, ((0, n8 - n), (0, 0)))
-    targets = jnp.pad(targets, (0, n8 - n))
-    rows = jnp.pad(rows, ((0, 0), (0, n8 - n)))  # live = 0 on the padding
+  e_ND, targets = mp.pad_tokens(e_ND, targets_N.astype(jnp.int32))
+  n8 = e_ND.shape[0]
+  rows = jnp.pad(rows, ((0, 0), (0, n8 - n)))  # live = 0 on the padding
   block_n = min(-(-block_n // 8) * 8, n8)
   acc = jnp.float32
   kw = dict(softcap=stats_spec.softcap, inv_temperature=stats_spec.inv_temperature,

@@ -10,9 +10,7 @@ statistics as its own sub-split row, so the [2 × splits, N] partial outputs mer
 With `approx_math` the epilogue's exp2 and tanh use the GPU's approximate instructions (ex2.approx,
 tanh.approx; loss error ~1e-6 relative, far below bf16 rounding of the inputs).
 
-Requirements (else `pallas_gpu` runs its Triton forward, see `unsupported_reason`): bf16 e and c, no bias,
-D a multiple of 16, V a multiple of 8 (TMA's tiled layout; N is padded to a multiple of 8 here, a copy of at most
-7 rows).
+Requirements (else `pallas_gpu` runs its Triton forward): those of `mosaic_pipeline.unsupported_reason`.
 """
 
 from __future__ import annotations
@@ -35,35 +33,12 @@ _LN2 = math.log(2.0)
 
 
 def unsupported_reason(e_ND, c_VD, bias_V, row_max_block_v=None) -> str | None:
-  """Why the Mosaic GPU kernels (this forward, `mosaic_dlogits`) cannot run these inputs (None when they can)."""
-  if e_ND.dtype != jnp.bfloat16 or c_VD.dtype != jnp.bfloat16:
-    return f"needs bf16 e and c, got {e_ND.dtype} and {c_VD.dtype}"
-  if bias_V is not None:
-    return "does not take a bias"
-  d, v = e_ND.shape[1], c_VD.shape[0]
-  if d % 16:
-    return f"needs D a multiple of 16, got D={d}"
-  if v % 8:
-    return f"needs V a multiple of 8, got V={v}"
-  if row_max_block_v is not None and row_max_block_v % ROW_MAX_BLOCK_V:
+  """Why this forward cannot run these inputs (None when it can): the pipeline's conditions, and row maxima per
+  `row_max_block_v` entries (when given) must be whole 128-wide tiles."""
+  reason = mp.unsupported_reason(e_ND, c_VD, bias_V)
+  if reason is None and row_max_block_v is not None and row_max_block_v % ROW_MAX_BLOCK_V:
     return f"writes row maxima per {_BV} vocabulary entries; block_v={row_max_block_v} is not a multiple"
-  return None
-
-
-def is_hopper() -> bool:
-  """Whether the default device is an sm_90 GPU (wgmma; Blackwell's tensor cores need other instructions)."""
-  dev = jax.devices()[0]
-  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
-
-
-def default_splits(n: int, v: int) -> int:
-  """Vocabulary splits: about two CTAs per SM over the token tiles, at most 4 (H100: gemma2_2b 15.3 ms at 4
-  splits vs 15.7 at 2 and 18.7 at 3; llama3_8b_4k 6.3 ms at 4 vs 10.4 at 2; H200: 6.2 at 4 vs 6.5-6.8 at 8,
-  qwen_small 8.2 at 2 vs 8.2 at 4 and 8.9 at 8)."""
-  dev = jax.devices()[0]
-  sms = getattr(dev, "core_count", None) or 132
-  n_tiles = -(-n // _BN)
-  return max(1, min(4, 2 * sms // n_tiles, -(-v // (2 * _BV))))
+  return reason
 
 
 def forward_partials(e_ND, c_VD, targets_N, *, softcap, inv_temperature, with_sum, with_mean, with_row_max,
@@ -81,10 +56,8 @@ def forward_partials(e_ND, c_VD, targets_N, *, softcap, inv_temperature, with_su
   """
   n, d = e_ND.shape
   v = c_VD.shape[0]
-  n8 = -(-n // 8) * 8
-  if n8 != n:
-    e_ND = jnp.pad(e_ND, ((0, n8 - n), (0, 0)))
-    targets_N = jnp.pad(targets_N, (0, n8 - n))
+  e_ND, targets_N = mp.pad_tokens(e_ND, targets_N)
+  n8 = e_ND.shape[0]
   stages = mp.num_stages(mp.block_d(d), 8192)
   v_per_split, splits = mp.split_vocabulary(v, splits)
   n_tiles = pl.cdiv(n8, _BN)

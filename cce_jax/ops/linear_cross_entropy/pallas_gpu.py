@@ -42,6 +42,7 @@ from cce_jax.ops.linear_cross_entropy import stats_losses
 from cce_jax.ops.linear_cross_entropy import compact_backward
 from cce_jax.ops.linear_cross_entropy import mosaic_dlogits
 from cce_jax.ops.linear_cross_entropy import mosaic_forward
+from cce_jax.ops.linear_cross_entropy import mosaic_pipeline
 from cce_jax.ops.linear_cross_entropy import triton_tiles
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
@@ -208,7 +209,7 @@ def _use_mosaic(spec, field, fallback, reason) -> bool:
   kind = getattr(spec.config, field)
   if kind == fallback:
     return False
-  if reason is None and not spec.interpret and not mosaic_forward.is_hopper():
+  if reason is None and not spec.interpret and not mosaic_pipeline.is_hopper():
     reason = f"needs a Hopper (sm_90) GPU, got {jax.devices()[0].device_kind}"
   if kind == "auto":
     return reason is None and not spec.interpret
@@ -233,8 +234,7 @@ def _mosaic_dlogits(spec, e_ND, c_VD, bias_V) -> bool:
   filtered = spec.stats.filter_eps is not None and not spec.stats.exact
   if filtered and spec.config.dense_backward_kernel == "auto":
     return False
-  return _use_mosaic(spec, "dense_backward_kernel", "xla",
-                     mosaic_forward.unsupported_reason(e_ND, c_VD, bias_V))
+  return _use_mosaic(spec, "dense_backward_kernel", "xla", mosaic_pipeline.unsupported_reason(e_ND, c_VD, bias_V))
 
 
 def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima):
@@ -242,7 +242,7 @@ def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima):
   n, v = e_ND.shape[0], c_VD.shape[0]
   cfg, st_spec = spec.config, spec.stats
   skipping = row_maxima and _tile_skipping(spec)
-  splits = cfg.num_splits or mosaic_forward.default_splits(n, v)
+  splits = cfg.num_splits or mosaic_pipeline.default_splits(n, v)
   partials, rmax = mosaic_forward.forward_partials(
       e_ND, c_VD, targets_N, softcap=st_spec.softcap, inv_temperature=st_spec.inv_temperature,
       with_sum=st_spec.with_sum, with_mean=st_spec.with_mean, with_row_max=skipping, splits=splits,
@@ -310,7 +310,7 @@ def _dense_bwd(spec, residuals, cotangents):
     tiles = spec.config.exact_backward_tiles(n, v)
     return mosaic_dlogits.dense_backward(
         spec.stats, residuals, cotangents, block_n=tiles.block_n, block_v=tiles.block_v,
-        splits=spec.config.num_splits or mosaic_forward.default_splits(tiles.block_n, tiles.block_v),
+        splits=spec.config.num_splits or mosaic_pipeline.default_splits(tiles.block_n, tiles.block_v),
         approx_math=spec.config.approx_math, interpret=spec.interpret)
   xla_spec = dataclasses.replace(spec.stats, config=spec.config.exact_backward_tiles(n, v))
   return xla_chunked.stats_backward(xla_spec, residuals[:6], cotangents)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cce_jax
-from cce_jax.ops.linear_cross_entropy import mosaic_forward
+from cce_jax.ops.linear_cross_entropy import mosaic_pipeline
 
 IGNORE = -100
 
@@ -21,7 +21,7 @@ def has_gpu() -> bool:
 
 def has_hopper() -> bool:
   """Whether the default device is an sm_90 GPU (for skipif on the compiled Mosaic GPU kernels' tests)."""
-  return has_gpu() and mosaic_forward.is_hopper()
+  return has_gpu() and mosaic_pipeline.is_hopper()
 
 
 def pallas_value_and_grad(e, c, targets, softcap, config, **kw):

@@ -89,11 +89,11 @@ def test_tunes_on_a_gpu(tmp_path):
 
 
 def test_default_candidates_add_the_triton_and_xla_alternatives_on_hopper(monkeypatch):
-  monkeypatch.setattr(autotune.mosaic_forward, "is_hopper", lambda: True)
+  monkeypatch.setattr(autotune.mosaic_pipeline, "is_hopper", lambda: True)
   filtered = autotune.default_candidates(4096, 128256, 4096)
   full = autotune.default_candidates(4096, 128256, 4096, filtered=False)
   assert any(k.forward_kernel == "triton" for k in filtered)
   assert not any(k.dense_backward_kernel == "xla" for k in filtered)  # "auto" keeps XLA's dense fallback there
   assert any(k.dense_backward_kernel == "xla" for k in full)
-  monkeypatch.setattr(autotune.mosaic_forward, "is_hopper", lambda: False)
+  monkeypatch.setattr(autotune.mosaic_pipeline, "is_hopper", lambda: False)
   assert not any(k.forward_kernel == "triton" for k in autotune.default_candidates(4096, 128256, 4096))

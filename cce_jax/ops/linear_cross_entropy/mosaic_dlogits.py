@@ -31,10 +31,11 @@ _ROWS = 8  # per-token inputs of the kernel: lse, g_lse, g_target, g_sum, g_mean
 
 def dlogits(e_ND, c_VD, targets_N, rows_RN, *, softcap, inv_temperature, with_sum, with_mean, splits,
             approx_math=True, interpret=False):
-  """dZ [N, V] bf16 of one block: e_ND [N, D] bf16 (N % 8 == 0), c_VD [V, D] bf16 (V % 8 == 0), targets [N] int32,
+  """dZ [N, V] bf16 of one block: e_ND [N, D] bf16 (N % 8 == 0), c_VD [V, D] bf16, targets [N] int32,
   rows_RN [8, N] fp32 (lse, g_lse, g_target, g_sum, g_mean, mean, live 0/1, unused)."""
   n, d = e_ND.shape
   v = c_VD.shape[0]
+  c_VD = mp.pad_vocabulary(c_VD)  # the kernel masks columns >= v
   v_out = pl.cdiv(v, mp.BV) * mp.BV  # whole [128, 128] tiles per TMA store
   out_bytes = 2 * mp.BN * mp.BV * 2
   stages = mp.num_stages(mp.block_d(d), out_bytes + 2 * _ROWS * mp.BN * 4 + 1024)

@@ -57,6 +57,7 @@ def forward_partials(e_ND, c_VD, targets_N, *, softcap, inv_temperature, with_su
   n, d = e_ND.shape
   v = c_VD.shape[0]
   e_ND, targets_N = mp.pad_tokens(e_ND, targets_N)
+  c_VD = mp.pad_vocabulary(c_VD)  # the kernel masks columns >= v
   n8 = e_ND.shape[0]
   stages = mp.num_stages(mp.block_d(d), 8192)
   v_per_split, splits = mp.split_vocabulary(v, splits)

@@ -50,9 +50,8 @@ def default_candidates(n: int, v: int, d: int, *, softcap=None, filtered: bool =
   if filtered:
     variants.append(dataclasses.replace(base, sort_vocabulary=True))
   if mosaic_pipeline.is_hopper():  # the Mosaic GPU kernels' alternatives, where the heuristic picks them
-    variants += [dataclasses.replace(base, forward_kernel="triton"), dataclasses.replace(base, num_splits=2)]
-    if not filtered:
-      variants.append(dataclasses.replace(base, dense_backward_kernel="xla"))
+    variants += [dataclasses.replace(base, forward_kernel="triton"), dataclasses.replace(base, num_splits=2),
+                 dataclasses.replace(base, dense_backward_kernel="xla")]
   return list(dict.fromkeys(variants))  # frozen dataclasses: drop duplicates, keep the order
 
 

@@ -81,13 +81,12 @@ class PallasGpuConfig:
       specialised) needs bf16 e and c, no bias and D a multiple of 16 (V % 8 != 0 costs a padded copy of c),
       and fixes its own 128 × 256 CTA tiles (block_n, block_d, num_warps and num_stages are the Triton forward's); num_splits
       applies to both. gemma2_2b forward: 14.9 ms vs Triton's 21.8 (H200), 15.3 vs 22.4 (H100).
-    dense_backward_kernel: the dense backward of exact mode and filter_eps=None: "auto" takes its dZ from the
-      Mosaic GPU kernel of `mosaic_dlogits` on Hopper GPUs where it applies (same conditions as the Mosaic
-      forward; H200 exact loss + gradient: gemma2_2b 63.3 ms vs 69.8, llama3_8b_4k 28.1 vs 30.3), else from
-      XLA; "xla"; or "mosaic" (an error where it does not apply). "mosaic" also takes the filtered mode's dense
-      fallback, which then computes every tile instead of dropping the blocks below filter_eps (H200, random
-      llama3_8b_4k, which takes the fallback: 28.1 vs 31.3 ms; default filtered temporaries at gemma2_2b 310 vs
-      633 MiB); "auto" keeps XLA's there, which honours the filter.
+    dense_backward_kernel: the dense backward (exact mode, filter_eps=None, and the filtered mode's fallback when
+      most tiles are kept): "auto" takes its dZ from the Mosaic GPU kernel of `mosaic_dlogits` on Hopper GPUs
+      where it applies (same conditions as the Mosaic forward; H200 loss + gradient, exact: gemma2_2b 63.3 ms vs
+      69.8, llama3_8b_4k 28.1 vs 30.3; filtered, random llama3_8b_4k, which takes the fallback: 26.4 vs 31.3 ms;
+      filtered temporaries at gemma2_2b 310 vs 633 MiB), else from XLA; "xla"; or "mosaic" (an error where it
+      does not apply).
     approx_math: the Mosaic kernels' exp2 and tanh use the GPU's approximate instructions (loss error ~1e-6
       relative; 15.3 vs 20.6 ms at gemma2_2b on an H100).
   """

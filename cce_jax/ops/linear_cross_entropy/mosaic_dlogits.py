@@ -4,8 +4,11 @@ Per block of [block_n tokens, block_v vocabulary entries] (as in the XLA dense b
 the logits tile by tile with the pipeline of `mosaic_pipeline` and writes dZ = dL/dz in bf16 straight from its
 epilogue (the XLA backward writes the fp32 logits, reads them back, writes dZ); then two XLA GEMMs
 accumulate dE += dZ @ c_blk (fp32) and dC_blk = dZ.T @ e_blk (fp32 over the token blocks). No atomics, a fixed
-order: bitwise deterministic. No tile is skipped: used where the gradient is not filtered (exact mode,
-filter_eps=None). Input conditions: `mosaic_pipeline.unsupported_reason`.
+order: bitwise deterministic. No tile is skipped: used for exact mode, filter_eps=None, and as the filtered
+mode's fallback when most tiles are kept; there, with `filter_eps`, the epilogue zeroes each row's 128-entry
+segment of a tile whose |dS| / max(|g_lse|, |g_target|, |g_mean|) is below filter_eps throughout (the filter's
+contract at the granularity of one row of a tile; the tile-skipping kernels drop whole [block_n, block_v] tiles).
+Input conditions: `mosaic_pipeline.unsupported_reason`.
 
 dS = (g_lse + g_mean (1 + s - mean)) softmax(s) + g_target onehot(t) + g_sum, dZ = dS · ds/dz (see
 `xla_chunked.tile_dlogits`).
@@ -26,13 +29,14 @@ from cce_jax.ops.linear_cross_entropy import mosaic_pipeline as mp
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 
 _LOG2E = math.log2(math.e)
-_ROWS = 8  # per-token inputs of the kernel: lse, g_lse, g_target, g_sum, g_mean, mean, live, (unused)
+_ROWS = 8  # per-token inputs of the kernel: lse, g_lse, g_target, g_sum, g_mean, mean, live, inverse row scale
 
 
 def dlogits(e_ND, c_VD, targets_N, rows_RN, *, softcap, inv_temperature, with_sum, with_mean, splits,
-            approx_math=True, interpret=False):
+            filter_eps=None, approx_math=True, interpret=False):
   """dZ [N, V] bf16 of one block: e_ND [N, D] bf16 (N % 8 == 0), c_VD [V, D] bf16, targets [N] int32,
-  rows_RN [8, N] fp32 (lse, g_lse, g_target, g_sum, g_mean, mean, live 0/1, unused)."""
+  rows_RN [8, N] fp32 (lse, g_lse, g_target, g_sum, g_mean, mean, live 0/1, 1 / max(|g_lse|, |g_target|,
+  |g_mean|), the last one read only with filter_eps)."""
   n, d = e_ND.shape
   v = c_VD.shape[0]
   c_VD = mp.pad_vocabulary(c_VD)  # the kernel masks columns >= v
@@ -41,14 +45,15 @@ def dlogits(e_ND, c_VD, targets_N, rows_RN, *, softcap, inv_temperature, with_su
   stages = mp.num_stages(mp.block_d(d), out_bytes + 2 * _ROWS * mp.BN * 4 + 1024)
   v_per_split, splits = mp.split_vocabulary(v, splits)
   kernel = functools.partial(_kernel, d=d, v=v, stages=stages, v_per_split=v_per_split, softcap=softcap,
-                             inv_temperature=inv_temperature, with_sum=with_sum, with_mean=with_mean)
+                             inv_temperature=inv_temperature, with_sum=with_sum, with_mean=with_mean,
+                             filter_eps=filter_eps)
   dz = mp.launch(kernel, jax.ShapeDtypeStruct((n, v_out), e_ND.dtype), n=n, splits=splits,
                  approx_math=approx_math, interpret=interpret)(e_ND, c_VD, targets_N.astype(jnp.int32), rows_RN)
   return dz if v_out == v else dz[:, :v]
 
 
 def _kernel(e_ref, c_ref, t_ref, rows_ref, dz_ref, *, d, v, stages, v_per_split, softcap, inv_temperature,
-            with_sum, with_mean):
+            with_sum, with_mean, filter_eps):
   n0, v_lo, num_tiles = mp.cta_range(v, v_per_split)
   swizzle = plgpu.find_swizzle(mp.BV * 16)
   out_transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
@@ -59,8 +64,8 @@ def _kernel(e_ref, c_ref, t_ref, rows_ref, dz_ref, *, d, v, stages, v_per_split,
     plgpu.barrier_wait(bar.at[wg])
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     tgt = plgpu.load(t_smem.at[wg], layout=row_layout)
-    lse, g_lse, g_st, g_sum, g_mean, mean, live = (
-        plgpu.load(rows_smem.at[wg, k], layout=row_layout) for k in range(7))
+    lse, g_lse, g_st, g_sum, g_mean, mean, live, inv_r = (
+        plgpu.load(rows_smem.at[wg, k], layout=row_layout) for k in range(_ROWS))
     shape = (mp.BN, mp.BV)
     bcast = lambda r: lax.broadcast_in_dim(r, shape, [0])
     lse2 = lse * _LOG2E
@@ -81,7 +86,11 @@ def _kernel(e_ref, c_ref, t_ref, rows_ref, dz_ref, *, d, v, stages, v_per_split,
       ds = coef * p + jnp.where(cols == bcast(tgt), bcast(g_st), 0.0)
       if with_sum:
         ds = ds + bcast(g_sum)
-      dz = jnp.where((cols < v) & (bcast(live) > 0.0), ds * dsdz, 0.0)
+      ds = jnp.where((cols < v) & (bcast(live) > 0.0), ds, 0.0)
+      dz = ds * dsdz
+      if filter_eps is not None:  # NaN keeps its row
+        below = (jnp.abs(ds) * bcast(inv_r)).max(axis=1) < filter_eps
+        dz = dz * bcast(jnp.where(below, 0.0, 1.0))
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
       out_smem.at[wg][...] = dz.astype(out_smem.dtype)
       plgpu.commit_smem()
@@ -106,7 +115,7 @@ def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, split
   n, d = e_ND.shape
   v = c_VD.shape[0]
   live = ((inv_row_scale != 0) | (g_sum != 0)).astype(jnp.float32)
-  rows = jnp.stack([lse, g_lse, g_st, g_sum, g_mean, mean, live, jnp.zeros_like(lse)]).astype(jnp.float32)
+  rows = jnp.stack([lse, g_lse, g_st, g_sum, g_mean, mean, live, inv_row_scale]).astype(jnp.float32)
   e_ND, targets = mp.pad_tokens(e_ND, targets_N.astype(jnp.int32))
   n8 = e_ND.shape[0]
   rows = jnp.pad(rows, ((0, 0), (0, n8 - n)))  # live = 0 on the padding
@@ -114,7 +123,7 @@ def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, split
   acc = jnp.float32
   kw = dict(softcap=stats_spec.softcap, inv_temperature=stats_spec.inv_temperature,
             with_sum=stats_spec.with_sum, with_mean=stats_spec.with_mean, splits=splits, approx_math=approx_math,
-            interpret=interpret)
+            filter_eps=None if stats_spec.exact else stats_spec.filter_eps, interpret=interpret)
 
   def vocab_block(carry, v_start, c_blk):
     """Adds this block's columns' share of dE and writes its dC, over the token blocks (fp32 accumulation)."""

@@ -18,9 +18,9 @@ exp(row max - LSE of the row); the backward turns that into a keep mask over the
 (tiles holding a live row's target always kept) and
 - when at most `dense_backward_above` of the tiles are kept, runs `compact_backward` over the kept tiles only:
   their dZ into a buffer, then dE per token tile and dC per vocabulary tile from it (no atomics, deterministic);
-- otherwise runs the dense backward, faster when most tiles are kept (the XLA backward with the filter per block;
-  with `dense_backward_kernel="mosaic"`, dZ of every tile from `mosaic_dlogits`). The choice is made on the
-  device (`lax.cond`).
+- otherwise runs the dense backward, faster when most tiles are kept (on Hopper dZ of every tile from
+  `mosaic_dlogits`, each row of a tile zeroed where it is below filter_eps; else the XLA backward with the
+  filter per dense block). The choice is made on the device (`lax.cond`).
 
 Triton needs power-of-2 block shapes; the dimensions need not be multiples of them: a block that would run past
 the end of an array is moved back to end at the edge and its already-covered rows/columns are masked, so no
@@ -228,13 +228,8 @@ def _mosaic_forward(spec, e_ND, c_VD, bias_V) -> bool:
 
 def _mosaic_dlogits(spec, e_ND, c_VD, bias_V) -> bool:
   """Whether the dense backward takes dZ from the Mosaic GPU kernel (config.dense_backward_kernel, the inputs,
-  the GPU). With gradient filtering the dense backward is the fallback for when most tiles are kept: "auto"
-  keeps the XLA one there, which drops [block_n, block_v] blocks whose every entry is below filter_eps as the
-  filter's contract says; "mosaic" computes every tile (faster and smaller where measured, but a filter_eps
-  that should drop every entry drops none on that path)."""
-  filtered = spec.stats.filter_eps is not None and not spec.stats.exact
-  if filtered and spec.config.dense_backward_kernel == "auto":
-    return False
+  the GPU). With gradient filtering the dense backward is the fallback for when most tiles are kept; the Mosaic
+  kernel filters there per row of each tile (the XLA one per [block_n, block_v] block of the dense backward)."""
   return _use_mosaic(spec, "dense_backward_kernel", "xla", mosaic_pipeline.unsupported_reason(e_ND, c_VD, bias_V))
 
 

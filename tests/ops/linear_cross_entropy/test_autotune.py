@@ -93,7 +93,7 @@ def test_default_candidates_add_the_triton_and_xla_alternatives_on_hopper(monkey
   filtered = autotune.default_candidates(4096, 128256, 4096)
   full = autotune.default_candidates(4096, 128256, 4096, filtered=False)
   assert any(k.forward_kernel == "triton" for k in filtered)
-  assert not any(k.dense_backward_kernel == "xla" for k in filtered)  # "auto" keeps XLA's dense fallback there
+  assert any(k.dense_backward_kernel == "xla" for k in filtered)
   assert any(k.dense_backward_kernel == "xla" for k in full)
   monkeypatch.setattr(autotune.mosaic_pipeline, "is_hopper", lambda: False)
   assert not any(k.forward_kernel == "triton" for k in autotune.default_candidates(4096, 128256, 4096))

@@ -81,7 +81,8 @@ def linear_cross_entropy(
     z_loss: coefficient >= 0 of the auxiliary z-loss z_loss·lse² (PaLM), added per non-ignored token.
     return_lse: also return the per-token LSE [*B] (fp32, differentiable; computed at every position).
     filter_eps: gradient filtering: a tile whose |softmax - onehot| is below this everywhere skips its gradient
-      GEMMs. "auto": 2^-12 for 16-bit inputs without label smoothing, else off. None: off.
+      GEMMs (the backend's tile; pallas_gpu's dense fallback on Hopper zeroes each 128-entry row of a
+      tile). "auto": 2^-12 for 16-bit inputs without label smoothing, else off. None: off.
     exact: HIGHEST matmul precision, no gradient filtering, bitwise deterministic run to run.
     implementation: "auto" (best available: "pallas_gpu" on NVIDIA GPUs, else "xla_chunked"), "pallas_gpu"
       (Triton kernels), "xla_chunked" (blockwise XLA, any platform), "xla_fused" (XLA over row blocks of

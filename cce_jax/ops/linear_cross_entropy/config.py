@@ -79,8 +79,8 @@ class PallasGpuConfig:
     forward_kernel: "auto" (the Mosaic GPU forward on Hopper GPUs where it applies, else Triton), "triton", or
       "mosaic" (an error where it does not apply). The Mosaic forward (`mosaic_forward`: wgmma + TMA, warp
       specialised) needs bf16 e and c, no bias and D a multiple of 16 (V % 8 != 0 costs a padded copy of c),
-      and fixes its own 128 × 256 CTA tiles (block_n, block_d, num_warps and num_stages are the Triton forward's); num_splits
-      applies to both. gemma2_2b forward: 14.9 ms vs Triton's 21.8 (H200), 15.3 vs 22.4 (H100).
+      and fixes its own 128 × 256 CTA tiles (block_n, block_d, num_warps and num_stages are the Triton
+      forward's); num_splits applies to both. gemma2_2b forward: 14.9 ms vs Triton's 21.8 (H200), 15.3 vs 22.4 (H100).
     dense_backward_kernel: the dense backward (exact mode, filter_eps=None, and the filtered mode's fallback when
       most tiles are kept): "auto" takes its dZ from the Mosaic GPU kernel of `mosaic_dlogits` on Hopper GPUs
       where it applies (same conditions as the Mosaic forward; H200 loss + gradient, exact: gemma2_2b 63.3 ms vs

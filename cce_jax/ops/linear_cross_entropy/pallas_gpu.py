@@ -298,18 +298,16 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=True):
 
 def _dense_bwd(spec, residuals, cotangents):
   """The blockwise dense backward (dense GEMMs, no atomics; deterministic): exact mode, no filtering, or
-  filtering that would keep most tiles. Without filtering on Hopper, dZ comes from the Mosaic GPU kernel of
-  `mosaic_dlogits`; else the XLA backward."""
+  filtering that would keep most tiles. On Hopper dZ comes from the Mosaic GPU kernel of `mosaic_dlogits`;
+  else the XLA backward."""
   e_ND, c_VD = residuals[0], residuals[1]
-  n, v = e_ND.shape[0], c_VD.shape[0]
+  tiles = spec.config.exact_backward_tiles(e_ND.shape[0], c_VD.shape[0])
   if _mosaic_dlogits(spec, e_ND, c_VD, residuals[2]):
-    tiles = spec.config.exact_backward_tiles(n, v)
     return mosaic_dlogits.dense_backward(
         spec.stats, residuals, cotangents, block_n=tiles.block_n, block_v=tiles.block_v,
         splits=spec.config.num_splits or mosaic_pipeline.default_splits(tiles.block_n, tiles.block_v),
         approx_math=spec.config.approx_math, interpret=spec.interpret)
-  xla_spec = dataclasses.replace(spec.stats, config=spec.config.exact_backward_tiles(n, v))
-  return xla_chunked.stats_backward(xla_spec, residuals[:6], cotangents)
+  return xla_chunked.stats_backward(dataclasses.replace(spec.stats, config=tiles), residuals[:6], cotangents)
 
 
 def _round_up_bf16(x):

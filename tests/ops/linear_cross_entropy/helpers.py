@@ -19,6 +19,7 @@ def has_gpu() -> bool:
   except RuntimeError:
     return False
 
+
 def has_hopper() -> bool:
   """Whether the default device is an sm_90 GPU (for skipif on the compiled Mosaic GPU kernels' tests)."""
   return has_gpu() and mosaic_pipeline.is_hopper()

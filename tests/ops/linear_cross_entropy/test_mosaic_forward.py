@@ -43,20 +43,23 @@ def _merge(m, l, st, ssum, w):
 
 # (N, D, V, softcap, inverse temperature, splits): N not a multiple of 8 or of the 128-token tile, D chunks of
 # 64, 32 and 16, V ending inside a 256-wide CTA tile or a 128-wide consumer tile or not a multiple of 8 (c is
-# padded), one to several splits.
-@pytest.mark.parametrize("n,d,v,softcap,inv_temp,splits", [
-    (37, 64, 1003, 30.0, 1.0, 3),
-    (130, 96, 600, None, 1 / 0.7, 1),
-    (8, 16, 264, 2.5, 1.0, 2),
-    (200, 128, 2056, None, 1.0, 4),
+# padded), one to several splits; softcapped logits within ±40 take the fixed-reference sums, 20 / 0.4 = 50 the
+# running maximum; with and without the row maxima.
+@pytest.mark.parametrize("n,d,v,softcap,inv_temp,splits,row_max", [
+    (37, 64, 1003, 30.0, 1.0, 3, True),
+    (130, 96, 600, None, 1 / 0.7, 1, True),
+    (8, 16, 264, 2.5, 1.0, 2, False),
+    (200, 128, 2056, None, 1.0, 4, False),
+    (70, 32, 777, 20.0, 2.5, 2, True),
 ])
-def test_partials_match_reference(n, d, v, softcap, inv_temp, splits):
+def test_partials_match_reference(n, d, v, softcap, inv_temp, splits, row_max):
   e, c, targets = _inputs(n + d, n, d, v)
   stats, rmax = mosaic_forward.forward_partials(
-      e, c, targets, softcap=softcap, inv_temperature=inv_temp, with_sum=True, with_mean=True, with_row_max=True,
-      splits=splits, interpret=True)
-  assert all(x.shape[1] == n for x in stats) and rmax.shape == (n, -(-v // 128))
-  got = _merge(*stats) + (rmax,)
+      e, c, targets, softcap=softcap, inv_temperature=inv_temp, with_sum=True, with_mean=True,
+      with_row_max=row_max, splits=splits, interpret=True)
+  assert all(x.shape[1] == n for x in stats)
+  assert (rmax.shape == (n, -(-v // 128))) if row_max else rmax is None
+  got = _merge(*stats) + ((rmax,) if row_max else ())
   for name, x, ref in zip(["lse", "target", "sum", "mean", "row max"], got,
                           _reference_stats(e, c, targets, softcap, inv_temp)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(ref), rtol=2e-5, atol=2e-5 * float(jnp.abs(ref).max()),

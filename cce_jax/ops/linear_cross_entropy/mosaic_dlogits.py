@@ -131,6 +131,9 @@ def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, split
             filter_eps=None if stats_spec.exact else stats_spec.filter_eps, interpret=interpret)
 
   n_blocks = pl.cdiv(n8, block_n)
+  # One token block: the GEMM's own fp32 accumulator is the whole dC sum, rounded once to c's dtype (as a GEMM to
+  # fp32 then a cast, which XLA would hand to a slower Triton fusion: H200 gemma2_2b 15.3 vs 16.2 ms).
+  dc_dtype = c_VD.dtype if n_blocks == 1 else acc
 
   def vocab_block(carry, v_start, c_blk):
     """Adds this block's columns' share of dE and writes its dC, over the token blocks (fp32 accumulation)."""
@@ -145,16 +148,12 @@ def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, split
       t_blk = lax.dynamic_slice(targets, (n_start,), (block_n,)) - v_start  # the kernel's columns are the block's
       dz = dlogits(e_blk, c_blk, t_blk, r_blk, **kw)
       de = lax.dynamic_slice(de_acc, (n_start, 0), (block_n, d)) + jnp.dot(dz, c_blk, preferred_element_type=acc)
-      # One token block: the GEMM's own fp32 accumulator is the whole sum, rounded once to c's dtype (as a GEMM
-      # to fp32 then a cast, which XLA would hand to a slower Triton fusion: H200 gemma2_2b 15.3 vs 16.2 ms).
-      dc_t = lax.dot_general(dz, e_blk, (((0,), (0,)), ((), ())),
-                             preferred_element_type=c_VD.dtype if n_blocks == 1 else acc)
+      dc_t = lax.dot_general(dz, e_blk, (((0,), (0,)), ((), ())), preferred_element_type=dc_dtype)
       dc_blk = dc_t if n_blocks == 1 else dc_blk + dc_t
       return (lax.dynamic_update_slice(de_acc, de, (n_start, 0)), dc_blk), None
 
     de_acc, dc = carry
-    dc0 = jnp.zeros((bv, d), c_VD.dtype if n_blocks == 1 else acc)
-    (de_acc, dc_blk), _ = lax.scan(n_step, (de_acc, dc0), jnp.arange(n_blocks))
+    (de_acc, dc_blk), _ = lax.scan(n_step, (de_acc, jnp.zeros((bv, d), dc_dtype)), jnp.arange(n_blocks))
     return de_acc, lax.dynamic_update_slice(dc, dc_blk.astype(dc.dtype), (v_start, 0))
 
   def v_step(carry, j):

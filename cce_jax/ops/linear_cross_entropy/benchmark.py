@@ -55,11 +55,13 @@ def naive_loss(e, c, targets, softcap):
 
 
 # The default filtered config with one change: "sparse" always through the tile-skipping kernels, "sorted" with the
-# vocabulary sorted by mean logit first, "triton" with the Triton forward where Mosaic GPU's would run.
+# vocabulary sorted by mean logit first, "triton" with the Triton forward where Mosaic GPU's would run, "lowmem"
+# the low-memory backward.
 _FILTERED_VARIANTS = {
     "pallas_gpu_sparse": dict(dense_backward_above=1.0),
     "pallas_gpu_sorted": dict(dense_backward_above=1.0, sort_vocabulary=True),
     "pallas_gpu_triton": dict(forward_kernel="triton"),
+    "pallas_gpu_lowmem": dict(low_memory=True),
 }
 
 

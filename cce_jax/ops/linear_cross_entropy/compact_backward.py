@@ -14,7 +14,7 @@ most `cap` tiles, each pass a run of whole vocabulary tiles; a pass runs three k
   (zeros where no tile of the column is kept). A column lies in exactly one pass, so dC is written once.
 
 Every sum runs in a fixed order, so the result is bitwise reproducible. Memory: the dZ buffer
-(`PallasGpuConfig.backward_buffer_bytes`), an fp32 dE and the gradients; the number of passes is data-dependent
+(`PallasGpuConfig.buffer_bytes`), an fp32 dE and the gradients; the number of passes is data-dependent
 (`lax.while_loop`).
 """
 
@@ -63,12 +63,15 @@ def tile_dz(e_ref, c_ref, b_ref, row_refs, i, j, *, spec, n, v, d):
   return ds * dsdz
 
 
-def _dz_kernel(*refs, spec, n, v, d, n_tiles, has_bias):
+def dz_kernel(*refs, spec, n, v, d, n_tiles, has_bias, v_tiles=None, dbias=True):
+  """Program k writes the dZ of list entry pass_ref[2] + k (if below pass_ref[3]) to slot k of the buffer (and,
+  with a bias and `dbias`, its column sums); an entry is j * n_tiles + i (column-major), or i * v_tiles + j
+  (row-major) when v_tiles is given."""
   refs = list(refs)
   e_ref, c_ref = refs.pop(0), refs.pop(0)
   b_ref = refs.pop(0) if has_bias else None
   row_refs, (tiles_ref, pass_ref, dz_ref) = refs[:8], refs[8:11]
-  dbt_ref = refs[11] if has_bias else None
+  dbt_ref = refs[11] if has_bias and dbias else None
   bn = spec.config.block_n
   k = pl.program_id(0)
   pos = pass_ref[2] + k
@@ -76,8 +79,13 @@ def _dz_kernel(*refs, spec, n, v, d, n_tiles, has_bias):
   @pl.when(pos < pass_ref[3])
   def _():
     flat = tiles_ref[pos]
-    j = flat // n_tiles
-    dz = tile_dz(e_ref, c_ref, b_ref, row_refs, flat - j * n_tiles, j, spec=spec, n=n, v=v, d=d)
+    if v_tiles is None:
+      j = flat // n_tiles
+      i = flat - j * n_tiles
+    else:
+      i = flat // v_tiles
+      j = flat - i * v_tiles
+    dz = tile_dz(e_ref, c_ref, b_ref, row_refs, i, j, spec=spec, n=n, v=v, d=d)
     dz_ref[pl.ds(k * bn, bn), :] = dz.astype(dz_ref.dtype)
     if dbt_ref is not None:
       dbt_ref[k, :] = jnp.sum(dz, axis=0)
@@ -144,9 +152,10 @@ def _dc_kernel(*refs, n, v, d, bn, bv, bq, precision, has_bias):
 
 
 def capacity(config, n_tiles: int, v_tiles: int, itemsize: int) -> int:
-  """Tiles per pass: as many dZ tiles as `backward_buffer_bytes` holds, at least one full column of tiles."""
+  """Tiles per pass: as many dZ tiles as the buffer holds (`PallasGpuConfig.buffer_bytes`), at least one full
+  column of tiles."""
   per_tile = config.block_n * config.block_v * itemsize
-  return int(min(max(config.backward_buffer_bytes // per_tile, n_tiles), n_tiles * v_tiles))
+  return int(min(max(config.buffer_bytes // per_tile, n_tiles), n_tiles * v_tiles))
 
 
 def backward(spec, residuals, row_cotangents, inv_r, keep):
@@ -191,7 +200,7 @@ def backward(spec, residuals, row_cotangents, inv_r, keep):
 
     dz_args = [e_ND, c_VD] + ([bias_V] if has_bias else []) + row_args + [tiles, pass_info]
     dz, *dbt = pl.pallas_call(
-        functools.partial(_dz_kernel, spec=spec, n=n, v=v, d=d, n_tiles=n_tiles, has_bias=has_bias),
+        functools.partial(dz_kernel, spec=spec, n=n, v=v, d=d, n_tiles=n_tiles, has_bias=has_bias),
         grid=(cap,), in_specs=[any_spec] * len(dz_args), out_specs=[any_spec] * len(dz_shapes),
         out_shape=dz_shapes, compiler_params=params, interpret=spec.interpret, name="cce_bwd_dz",
     )(*dz_args)

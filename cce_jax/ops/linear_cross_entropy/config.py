@@ -70,7 +70,13 @@ class PallasGpuConfig:
     dense_block_v, dense_block_elements: the dense backward's vocabulary block and its logits per block
       (fp32: 2^26 is 256 MiB; H100 sweep: gemma2_2b 95.8 ms at 2048 / 2^23, 81.0 at 8192 / 2^26).
     backward_buffer_bytes: the tile-skipping backward's dZ buffer (kept tiles in the compute dtype); more kept
-      tiles than it holds run in several passes.
+      tiles than it holds run in several passes. None: 2^27 bytes, or 2^23 with low_memory (`buffer_bytes`).
+    low_memory: the filtered backward (filter_eps set, exact=False) holds a few MiB of temporaries instead of
+      hundreds: the forward keeps one maximum per [block_n, block_v] logit tile instead of one per row and tile
+      (the keep mask then bounds a tile by its largest logit and its tokens' smallest LSE: a looser bound, the
+      same gradients), and the kept tiles run in two sweeps over the dZ buffer, dC then dE, each gradient
+      written once from fp32 sums (`swept_backward`: no fp32 dE, no dense fallback, every kept tile's dZ
+      computed twice). Exact mode and filter_eps=None keep the dense backward.
     grad_block_d: the hidden-size block of each gradient program of the tile-skipping backward (power of 2).
     sort_vocabulary: with gradient filtering, reorder the vocabulary by decreasing mean logit over the batch
       before the kernels, so that the entries with non-negligible softmax share logit tiles and fewer tiles are
@@ -102,12 +108,13 @@ class PallasGpuConfig:
   dense_backward_above: float = 0.5
   dense_block_v: int = 8192
   dense_block_elements: int = 1 << 26
-  backward_buffer_bytes: int = 1 << 27
+  backward_buffer_bytes: int | None = None
   grad_block_d: int = 128
   sort_vocabulary: bool = False
   forward_kernel: str = "auto"
   dense_backward_kernel: str = "auto"
   approx_math: bool = True
+  low_memory: bool = False
 
   def __post_init__(self):
     for name in ("block_n", "block_v", "block_d", "grad_block_d"):
@@ -123,9 +130,13 @@ class PallasGpuConfig:
     if not isinstance(self.dense_backward_above, (int, float)) or not 0.0 <= self.dense_backward_above <= 1.0:
       raise ValueError("PallasGpuConfig.dense_backward_above must be a fraction in [0, 1], got "
                        f"{self.dense_backward_above!r}")
-    if not isinstance(self.backward_buffer_bytes, int) or self.backward_buffer_bytes < 1:
-      raise ValueError("PallasGpuConfig.backward_buffer_bytes must be a positive int, got "
+    if self.backward_buffer_bytes is not None and (
+        not isinstance(self.backward_buffer_bytes, int) or isinstance(self.backward_buffer_bytes, bool)
+        or self.backward_buffer_bytes < 1):
+      raise ValueError("PallasGpuConfig.backward_buffer_bytes must be a positive int or None, got "
                        f"{self.backward_buffer_bytes!r}")
+    if not isinstance(self.low_memory, bool):
+      raise ValueError(f"PallasGpuConfig.low_memory must be a bool, got {self.low_memory!r}")
     if not isinstance(self.sort_vocabulary, bool):
       raise ValueError(f"PallasGpuConfig.sort_vocabulary must be a bool, got {self.sort_vocabulary!r}")
     if self.forward_kernel not in ("auto", "triton", "mosaic"):
@@ -157,6 +168,13 @@ class PallasGpuConfig:
     return dataclasses.replace(
         self, block_n=min(self.block_n, _pow2_floor(n)), block_v=min(self.block_v, _pow2_floor(v)),
         block_d=min(self.block_d, _pow2_floor(d)))
+
+  @property
+  def buffer_bytes(self) -> int:
+    """The tile-skipping backward's dZ buffer in bytes (`backward_buffer_bytes`, or its default for the mode)."""
+    if self.backward_buffer_bytes is not None:
+      return self.backward_buffer_bytes
+    return 1 << 23 if self.low_memory else 1 << 27
 
   @property
   def bwd_warps(self) -> int:

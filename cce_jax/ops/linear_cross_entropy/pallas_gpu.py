@@ -21,6 +21,11 @@ exp(row max - LSE of the row); the backward turns that into a keep mask over the
 - otherwise runs the dense backward, faster when most tiles are kept (on Hopper dZ of every tile from
   `mosaic_dlogits`, each row of a tile zeroed where it is below filter_eps; else the XLA backward with the
   filter per dense block). The choice is made on the device (`lax.cond`).
+With `PallasGpuConfig.low_memory` the forward writes one number per [block_n, block_v] tile instead: the largest
+s - ref over its rows and columns, ref being each row's (transformed) target logit, a lower bound of its LSE
+computed ahead in XLA. Then p = exp(s - lse) <= exp(tile value + max over the tile's live rows of (ref - lse)),
+tight when the target dominates its row; the backward is `swept_backward`'s: no fp32 dE, no dense fallback, a
+small dZ buffer.
 
 Triton needs power-of-2 block shapes; the dimensions need not be multiples of them: a block that would run past
 the end of an array is moved back to end at the edge and its already-covered rows/columns are masked, so no
@@ -39,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cce_jax.ops.linear_cross_entropy import stats_losses
+from cce_jax.ops.linear_cross_entropy import swept_backward
 from cce_jax.ops.linear_cross_entropy import compact_backward
 from cce_jax.ops.linear_cross_entropy import mosaic_dlogits
 from cce_jax.ops.linear_cross_entropy import mosaic_forward
@@ -107,19 +113,22 @@ def _spec(softcap, inv_temperature, with_sum, with_mean, config, exact, filter_e
 _ROW_MAX_GROUP = 8
 
 
-def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
+def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias, with_reference):
   cfg, st_spec = spec.config, spec.stats
   bn, bv, bd = cfg.block_n, cfg.block_v, cfg.block_d
   refs = list(refs)
   e_ref, c_ref = refs.pop(0), refs.pop(0)
   b_ref = refs.pop(0) if has_bias else None
   t_ref = refs.pop(0)
+  ref_ref = refs.pop(0) if with_reference else None
   m_ref, l_ref, st_ref, sum_ref, w_ref = refs[:5]
-  rmax_ref = refs[5] if len(refs) > 5 else None
+  rmax_ref = refs[5] if len(refs) > 5 and not with_reference else None  # per row and tile, or
+  tmax_ref = refs[5] if with_reference else None  # max(s - reference) per tile: [N tiles, V tiles]
 
   i, j = pl.program_id(0), pl.program_id(1)
   n_start = jnp.minimum(i * bn, n - bn)
   targets = t_ref[pl.ds(n_start, bn)]
+  reference = ref_ref[pl.ds(n_start, bn)] if with_reference else None
   v_lo = j * v_per_split
   v_hi = jnp.minimum(v, v_lo + v_per_split)
   group = _ROW_MAX_GROUP
@@ -127,18 +136,24 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
   precision = triton_tiles.precision(st_spec)
 
   def keep_row_max(v_first, row_max, buf):
-    """Puts the tile's row maxima (rounded up) in its slot of the group buffer; stores the group when full or at
-    the split's last tile, masked to this split's tiles."""
+    """Puts the tile's row maxima (rounded up; with low_memory their maximum) in its slot of the group buffer;
+    stores the group when full or at the split's last tile, masked to this split's tiles."""
     tile = v_first // bv
     slot = tile % group
-    buf = jnp.where(jnp.arange(group)[None, :] == slot, _round_up_bf16(row_max)[:, None], buf)
+    if tmax_ref is not None:
+      buf = jnp.where(jnp.arange(group) == slot, jnp.max(row_max - reference), buf)
+    else:
+      buf = jnp.where(jnp.arange(group)[None, :] == slot, _round_up_bf16(row_max)[:, None], buf)
 
     @pl.when((slot == group - 1) | (tile == (v_hi - 1) // bv))
     def _():
       first = tile - slot
       cols = first + jnp.arange(group)
       ok = (cols >= v_lo // bv) & (cols <= tile)
-      plgpu.store(rmax_ref.at[pl.ds(n_start, bn), pl.ds(first, group)], buf, mask=ok[None, :])
+      if tmax_ref is not None:
+        plgpu.store(tmax_ref.at[i, pl.ds(first, group)], buf, mask=ok)
+      else:
+        plgpu.store(rmax_ref.at[pl.ds(n_start, bn), pl.ds(first, group)], buf, mask=ok[None, :])
 
     return buf
 
@@ -153,7 +168,7 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
     s, _ = xla_chunked.transform(z, st_spec)
     s_ok = jnp.where(col_ok, s, 0.0)
     row_max = jnp.max(jnp.where(col_ok, s, -jnp.inf), axis=1)
-    if rmax_ref is not None:  # each row's largest logit in the tile, for the backward's skip mask
+    if rmax_ref is not None or tmax_ref is not None:  # the tile's largest logits, for the backward's skip mask
       buf = keep_row_max(v_first, row_max, buf)
     m_new = jnp.maximum(m, row_max)
     rescale = jnp.exp(m - m_new)
@@ -167,7 +182,8 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias):
     return m_new, l, st, ssum, w, buf
 
   zeros = jnp.zeros((bn,), m_ref.dtype)
-  init = (zeros - jnp.inf, zeros, zeros, zeros, zeros, jnp.zeros((bn, group), jnp.bfloat16))
+  buf = jnp.zeros((group,), m_ref.dtype) if tmax_ref is not None else jnp.zeros((bn, group), jnp.bfloat16)
+  init = (zeros - jnp.inf, zeros, zeros, zeros, zeros, buf)
   num_tiles = (jnp.maximum(v_hi - v_lo, 0) + bv - 1) // bv
   if cfg.flat_loop:
     # One loop over (vocabulary tile, D chunk) pairs: the operand pipeline runs across tile boundaries and the
@@ -233,16 +249,20 @@ def _mosaic_dlogits(spec, e_ND, c_VD, bias_V) -> bool:
   return _use_mosaic(spec, "dense_backward_kernel", "xla", mosaic_pipeline.unsupported_reason(e_ND, c_VD, bias_V))
 
 
-def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima):
-  """The Mosaic GPU forward: per-(sub)split statistics [2 × splits, N] and the row maxima per block_v tile."""
+def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima, reference_N=None):
+  """The Mosaic GPU forward: per-(sub)split statistics [2 × splits, N] and the row maxima per block_v tile (or,
+  given reference_N, the tile values per [block_n, block_v] tile)."""
   n, v = e_ND.shape[0], c_VD.shape[0]
   cfg, st_spec = spec.config, spec.stats
   skipping = row_maxima and _tile_skipping(spec)
   splits = cfg.num_splits or mosaic_pipeline.default_splits(n, v)
   partials, rmax = mosaic_forward.forward_partials(
       e_ND, c_VD, targets_N, softcap=st_spec.softcap, inv_temperature=st_spec.inv_temperature,
-      with_sum=st_spec.with_sum, with_mean=st_spec.with_mean, with_row_max=skipping, splits=splits,
-      approx_math=cfg.approx_math, interpret=spec.interpret)
+      with_sum=st_spec.with_sum, with_mean=st_spec.with_mean, with_row_max=skipping and reference_N is None,
+      splits=splits, reference_N=reference_N if skipping else None, approx_math=cfg.approx_math,
+      interpret=spec.interpret)
+  if rmax is not None and reference_N is not None:
+    return partials, _tile_maxima_to_config(rmax, n, cfg.block_n, cfg.block_v)
   if rmax is not None:
     group = cfg.block_v // mosaic_forward.ROW_MAX_BLOCK_V  # 128-wide maxima -> block_v-wide
     tiles = pl.cdiv(rmax.shape[1], group) * group
@@ -251,8 +271,39 @@ def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima):
   return partials, rmax
 
 
-def _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima):
-  """The Triton forward: per-split statistics [splits, N] and the row maxima (or None)."""
+def _target_logits(spec, e_ND, c_VD, bias_V, targets_N):
+  """[N] fp32: each row's transformed target logit, a lower bound of its LSE; +inf where the target is out of
+  range (ignored rows; a scored one makes the loss NaN, and NaN keeps every tile of its rows)."""
+  v = c_VD.shape[0]
+  ok = (targets_N >= 0) & (targets_N < v)
+  t = jnp.where(ok, targets_N, 0)
+  z = jnp.sum(e_ND.astype(jnp.float32) * c_VD[t].astype(jnp.float32), axis=1)
+  if bias_V is not None:
+    z = z + bias_V[t].astype(jnp.float32)
+  s, _ = xla_chunked.transform(z, spec.stats)
+  return jnp.where(ok, s, jnp.inf)
+
+
+def _tile_maxima_to_config(tmax, n, bn, bv):
+  """Tile maxima per [128, 128] tile (the Mosaic forward's) -> per [bn, bv] config tile, bv a multiple of 128:
+  each config tile takes the maximum over the 128-tiles that cover it (an upper bound of its own maximum)."""
+  w = mosaic_forward.ROW_MAX_BLOCK_V
+  g = bv // w
+  v128 = pl.cdiv(tmax.shape[1], g) * g
+  tmax = jnp.pad(tmax, ((0, 0), (0, v128 - tmax.shape[1])), constant_values=-jnp.inf)
+  tmax = jnp.max(tmax.reshape(tmax.shape[0], v128 // g, g), axis=2)
+  n_tiles = pl.cdiv(n, bn)
+  if bn >= w:
+    r = bn // w
+    rows = n_tiles * r
+    tmax = jnp.pad(tmax, ((0, rows - tmax.shape[0]), (0, 0)), constant_values=-jnp.inf)
+    return jnp.max(tmax.reshape(n_tiles, r, -1), axis=1)
+  return tmax[(jnp.arange(n_tiles) * bn) // w]
+
+
+def _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima, reference_N=None):
+  """The Triton forward: per-split statistics [splits, N] and the row maxima (or, given reference_N, the tile
+  values; or None)."""
   n, d = e_ND.shape
   v = c_VD.shape[0]
   cfg = spec.config
@@ -262,12 +313,18 @@ def _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima):
   part = jax.ShapeDtypeStruct((splits, n), xla_chunked.acc_dtype(e_ND.dtype, c_VD.dtype))
   args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + [targets_N.astype(jnp.int32)]
   out_shape = [part] * 5
+  with_reference = row_maxima and _tile_skipping(spec) and reference_N is not None
+  if with_reference:
+    args.append(reference_N)
   if row_maxima and _tile_skipping(spec):
-    v_tiles = pl.cdiv(v, cfg.block_v)
-    out_shape.append(jax.ShapeDtypeStruct((n, pl.cdiv(v_tiles, _ROW_MAX_GROUP) * _ROW_MAX_GROUP), jnp.bfloat16))
+    v_tiles = pl.cdiv(pl.cdiv(v, cfg.block_v), _ROW_MAX_GROUP) * _ROW_MAX_GROUP
+    if with_reference:
+      out_shape.append(jax.ShapeDtypeStruct((pl.cdiv(n, cfg.block_n), v_tiles), part.dtype))
+    else:
+      out_shape.append(jax.ShapeDtypeStruct((n, v_tiles), jnp.bfloat16))
   outs = pl.pallas_call(
       functools.partial(_fwd_kernel, spec=spec, n=n, v=v, d=d, v_per_split=v_per_split,
-                        has_bias=bias_V is not None),
+                        has_bias=bias_V is not None, with_reference=with_reference),
       grid=(pl.cdiv(n, cfg.block_n), splits),
       in_specs=[pl.no_block_spec] * len(args),
       out_specs=[pl.no_block_spec] * len(out_shape),
@@ -280,11 +337,17 @@ def _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima):
 
 
 def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=True):
-  """Statistics and residuals; the row maxima (for the tile-skipping backward) only when row_maxima."""
+  """Statistics and residuals; the row maxima (for the tile-skipping backward) only when row_maxima (with
+  low_memory: the tile values and the rows' references)."""
+  reference = None
+  if row_maxima and _tile_skipping(spec) and spec.config.low_memory:
+    reference = _target_logits(spec, e_ND, c_VD, bias_V, targets_N)
   if _mosaic_forward(spec, e_ND, c_VD, bias_V):
-    partials, rmax = _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima)
+    partials, rmax = _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima, reference)
   else:
-    partials, rmax = _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima)
+    partials, rmax = _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima, reference)
+  if reference is not None:
+    rmax = (rmax, reference)
   m, l, st, ssum, w = partials
   # Merge the vocabulary splits.
   m_max = jnp.max(m, axis=0)
@@ -315,6 +378,39 @@ def _round_up_bf16(x):
   return jnp.where(jnp.isfinite(x), x + jnp.abs(x) * 2.0 ** -7, x).astype(jnp.bfloat16)
 
 
+# The tile values and the XLA references differ by the kernels' approximate tanh / exp2 and fp32 summation order
+# (~1e-5 nats): the keep test takes this much slack.
+_LOW_MEMORY_SLACK = 1e-3
+
+
+def _tile_keep_mask_low_memory(spec, maxima, targets_N, lse, inv_r, v):
+  """The keep mask from maxima = (tile values [N tiles, >= V tiles] fp32, references [N]): for row r of tile
+  (i, j), s - lse_r = (s - ref_r) + (ref_r - lse_r) <= value_ij + max over live rows of i of (ref - lse).
+  Forced tiles as in `_tile_keep_mask`."""
+  tval, reference = maxima
+  bn, bv = spec.config.block_n, spec.config.block_v
+  n = lse.shape[0]
+  n_tiles, v_tiles = pl.cdiv(n, bn), pl.cdiv(v, bv)
+  gap = jnp.where(inv_r != 0, reference - lse, -jnp.inf)
+  gap = jax.ops.segment_max(gap, jnp.arange(n) // bn, num_segments=n_tiles)
+  keep = tval[:, :v_tiles] + gap[:, None] >= jnp.log(spec.stats.filter_eps) - _LOW_MEMORY_SLACK
+  return _with_forced_tiles(spec, keep, targets_N, lse, inv_r, v)
+
+
+def _with_forced_tiles(spec, keep, targets_N, lse, inv_r, v):
+  """keep [N tiles, V tiles] bool | the tiles of rows with a NaN (all of them) | live rows' target tiles, int32."""
+  bn, bv = spec.config.block_n, spec.config.block_v
+  n = lse.shape[0]
+  n_tiles, v_tiles = keep.shape
+  tile_of_row = jnp.arange(n) // bn
+  bad = jax.ops.segment_max((jnp.isnan(lse) | jnp.isnan(inv_r)).astype(jnp.int32), tile_of_row,
+                            num_segments=n_tiles)
+  keep = keep | (bad[:, None] != 0)
+  target_tile = jnp.clip(targets_N.astype(jnp.int32) // bv, 0, v_tiles - 1)
+  has_target = jnp.zeros((n_tiles, v_tiles), jnp.bool_).at[tile_of_row, target_tile].max(inv_r != 0)
+  return (keep | has_target).astype(jnp.int32)
+
+
 def _tile_keep_mask(spec, rmax, targets_N, lse, inv_r, v):
   """[N tiles, V tiles] int32: 0 where no softmax entry of the tile reaches filter_eps and no live row's target
   falls in it (the kernel then skips the tile outright), else 1.
@@ -329,13 +425,7 @@ def _tile_keep_mask(spec, rmax, targets_N, lse, inv_r, v):
   gap = jnp.where(live[:, None], rmax[:, :v_tiles].astype(lse.dtype) - lse[:, None], -jnp.inf)
   gap = jnp.pad(gap, ((0, n_tiles * bn - n), (0, 0)), constant_values=-jnp.inf)
   keep = jnp.max(gap.reshape(n_tiles, bn, v_tiles), axis=1) >= jnp.log(spec.stats.filter_eps)
-  tile_of_row = jnp.arange(n) // bn
-  bad = jax.ops.segment_max((jnp.isnan(lse) | jnp.isnan(inv_r)).astype(jnp.int32), tile_of_row,
-                            num_segments=n_tiles)
-  keep = keep | (bad[:, None] != 0)
-  target_tile = jnp.clip(targets_N.astype(jnp.int32) // bv, 0, v_tiles - 1)
-  has_target = jnp.zeros((n_tiles, v_tiles), jnp.bool_).at[tile_of_row, target_tile].max(live)
-  return (keep | has_target).astype(jnp.int32)
+  return _with_forced_tiles(spec, keep, targets_N, lse, inv_r, v)
 
 
 def _tile_skipping(spec) -> bool:
@@ -349,6 +439,9 @@ def _stats_bwd(spec, residuals, cotangents):
     return _dense_bwd(spec, residuals, cotangents)
   c_VD, targets_N, lse, rmax = residuals[1], residuals[3], residuals[4], residuals[6]
   row_cotangents, inv_r = xla_chunked.backward_cotangents(spec.stats, residuals, cotangents)
+  if spec.config.low_memory:
+    keep = _tile_keep_mask_low_memory(spec, rmax, targets_N, lse, inv_r, c_VD.shape[0])
+    return swept_backward.backward(spec, residuals, row_cotangents, inv_r, keep)
   keep = _tile_keep_mask(spec, rmax, targets_N, lse, inv_r, c_VD.shape[0])
   sparse = lambda: compact_backward.backward(spec, residuals, row_cotangents, inv_r, keep)
   threshold = spec.config.dense_backward_above

@@ -173,7 +173,7 @@ def test_config_rejects_non_powers_of_two(bad):
     PallasGpuConfig(grad_block_d=bad)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, None])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_config_rejects_bad_buffer(bad):
   with pytest.raises(ValueError, match="backward_buffer_bytes"):
     PallasGpuConfig(backward_buffer_bytes=bad)

@@ -1,0 +1,197 @@
+"""The low-memory filtered backward of the Pallas GPU loss (`PallasGpuConfig.low_memory`): two sweeps over the
+kept logit tiles, each gradient written once in its own dtype, no [N, D] or [V, D] fp32 accumulator.
+
+Input: a keep mask over the [N tiles, V tiles] logit tiles. The kept tiles are listed twice: column-major
+(vocabulary tile, then token tile) for dC and row-major for dE. Each sweep walks its list in windows of `cap`
+tiles (as many dZ tiles as `backward_buffer_bytes` holds); per window two kernels run:
+
+- `cce_bwd_dz` (the tile kernel of `compact_backward`), grid (cap,): the window's dZ tiles into the buffer;
+- `cce_bwd_seg`, grid (D blocks, cap): program (q, u) sums the window's u-th run of tiles that share an output
+  tile (a vocabulary tile for dC: dZ.T @ e; a token tile for dE: dZ @ c) in fp32 and writes the output tile in
+  the gradient's dtype, or, when the run continues into the next window, hands the fp32 partial sum to it (a
+  [block, D] fp32 carry).
+
+Every sum runs in a fixed order: the result is bitwise reproducible. It equals the tile-skipping backward of
+`compact_backward` up to fp32 summation order. Each kept tile's dZ is computed twice (once per sweep); the
+windows' runs bound the parallelism of a window (a token tile's run spans all its kept tiles). Memory: the dZ
+buffer, two tile lists of N tiles × V tiles int32, two carries and the gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from cce_jax.ops.linear_cross_entropy import compact_backward
+from cce_jax.ops.linear_cross_entropy import triton_tiles
+from cce_jax.ops.linear_cross_entropy import xla_chunked
+
+_block_start = xla_chunked.block_start
+# Window information, int32: the fields that the tile kernel reads (start, length) sit where it reads them.
+_FIRST_CONTINUES, _LAST_CONTINUES, _START, _LENGTH, _RUNS = range(5)
+
+
+def _seg_kernel(*refs, for_dc, n, v, d, bn, bv, bq, n_tiles, v_tiles, precision, has_bias):
+  refs = list(refs)
+  dz_ref, x_ref = refs.pop(0), refs.pop(0)  # x: e for dC, c for dE
+  dbt_ref = refs.pop(0) if has_bias else None
+  tiles_ref, run_lo_ref, info_ref, carry_in_ref = refs[:4]
+  cb_in_ref = refs[4] if has_bias else None
+  refs = refs[5 if has_bias else 4:]
+  n_out = 2 if has_bias else 1
+  out_ref, db_ref = refs[n_out], (refs[n_out + 1] if has_bias else None)  # after the aliased inputs
+  carry_ref, cb_ref = refs[n_out + n_out], (refs[n_out + n_out + 1] if has_bias else None)
+  q, u = pl.program_id(0), pl.program_id(1)
+  s0, runs = info_ref[_START], info_ref[_RUNS]
+
+  def decode(flat):  # (owner tile, other tile) of a list entry
+    if for_dc:
+      j = flat // n_tiles
+      return j, flat - j * n_tiles
+    i = flat // v_tiles
+    return i, flat - i * v_tiles
+
+  @pl.when(u < runs)
+  def _():
+    lo, hi = run_lo_ref[u], run_lo_ref[u + 1]
+    owner, _ = decode(tiles_ref[s0 + lo])
+    d_start, d_first = _block_start(q, bq, d)
+    acc_dtype = xla_chunked.acc_dtype(dz_ref.dtype, x_ref.dtype)
+
+    def body(k, acc):
+      _, other = decode(tiles_ref[s0 + k])
+      dz = dz_ref[pl.ds(k * bn, bn), :]
+      if for_dc:
+        x_start, _ = _block_start(other, bn, n)
+        x = x_ref[pl.ds(x_start, bn), pl.ds(d_start, bq)].astype(dz.dtype)
+        dims = (((0,), (0,)), ((), ()))
+      else:
+        x_start, _ = _block_start(other, bv, v)
+        x = x_ref[pl.ds(x_start, bv), pl.ds(d_start, bq)].astype(dz.dtype)
+        dims = (((1,), (0,)), ((), ()))
+      return acc + lax.dot_general(dz, x, dims, preferred_element_type=acc.dtype, precision=precision)
+
+    rows = bv if for_dc else bn
+    acc = lax.fori_loop(lo, hi, body, jnp.zeros((rows, bq), acc_dtype))
+    carried_in = (u == 0) & (info_ref[_FIRST_CONTINUES] != 0)
+    acc = acc + jnp.where(carried_in, carry_in_ref[:, pl.ds(d_start, bq)], 0.0)
+    carried_out = (u == runs - 1) & (info_ref[_LAST_CONTINUES] != 0)
+    o_start, o_first = _block_start(owner, rows, v if for_dc else n)
+    row_ok = (o_start + jnp.arange(rows)) >= o_first
+    mask = row_ok[:, None] & ((d_start + jnp.arange(bq)) >= d_first)[None, :]
+
+    @pl.when(carried_out)
+    def _():
+      carry_ref[:, pl.ds(d_start, bq)] = acc
+
+    @pl.when(~carried_out)
+    def _():
+      plgpu.store(out_ref.at[pl.ds(o_start, rows), pl.ds(d_start, bq)], acc.astype(out_ref.dtype), mask=mask)
+
+    if has_bias:
+      @pl.when(q == 0)
+      def _():
+        db = lax.fori_loop(lo, hi, lambda k, s: s + dbt_ref[k, :], jnp.zeros((bv,), dbt_ref.dtype))
+        db = db + jnp.where(carried_in, cb_in_ref[...], 0.0)
+
+        @pl.when(carried_out)
+        def _():
+          cb_ref[...] = db
+
+        @pl.when(~carried_out)
+        def _():
+          plgpu.store(db_ref.at[pl.ds(o_start, bv)], db.astype(db_ref.dtype), mask=row_ok)
+
+
+def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
+  """One sweep: dC (and dbias) over the column-major list when for_dc, else dE over the row-major one."""
+  e_ND, c_VD, bias_V = residuals[:3]
+  n, d = e_ND.shape
+  v = c_VD.shape[0]
+  cfg = spec.config
+  bn, bv = cfg.block_n, cfg.block_v
+  bq = min(cfg.grad_block_d, 1 << (d.bit_length() - 1))
+  n_tiles, v_tiles = keep.shape
+  has_bias = for_dc and bias_V is not None
+  compute = jnp.result_type(e_ND.dtype, c_VD.dtype)
+  acc = row_args[1].dtype
+  precision = triton_tiles.precision(spec.stats)
+  params = plgpu.CompilerParams(num_warps=cfg.bwd_warps, num_stages=cfg.num_stages)
+  any_spec = pl.no_block_spec
+
+  order = keep.T if for_dc else keep
+  total = n_tiles * v_tiles
+  (tiles,) = jnp.nonzero(order.reshape(-1) != 0, size=total + cap, fill_value=0)
+  tiles = tiles.astype(jnp.int32)
+  length = jnp.sum(keep != 0, dtype=jnp.int32)
+  per_owner = n_tiles if for_dc else v_tiles
+  dz_shapes = [jax.ShapeDtypeStruct((cap * bn, bv), compute)]
+  if has_bias:
+    dz_shapes.append(jax.ShapeDtypeStruct((cap, bv), acc))
+  carry_rows = bv if for_dc else bn
+
+  def window(carry):
+    s0, out, db, carry_in, cb_in = carry
+    owner = lax.dynamic_slice(tiles, (s0,), (cap,)) // per_owner
+    count = jnp.minimum(cap, length - s0)
+    k = jnp.arange(cap)
+    starts = (k < count) & ((k == 0) | (owner != jnp.roll(owner, 1)))
+    (run_lo,) = jnp.nonzero(starts, size=cap + 1, fill_value=count)
+    before = tiles[jnp.maximum(s0 - 1, 0)] // per_owner
+    after = tiles[s0 + cap] // per_owner
+    info = jnp.stack([(s0 > 0) & (before == owner[0]), (s0 + cap < length) & (after == owner[cap - 1]),
+                      s0, length, jnp.sum(starts)]).astype(jnp.int32)
+    dz_args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + row_args + [tiles, info]
+    dz, *dbt = pl.pallas_call(
+        functools.partial(compact_backward.dz_kernel, spec=spec, n=n, v=v, d=d, n_tiles=n_tiles,
+                          v_tiles=None if for_dc else v_tiles, has_bias=bias_V is not None, dbias=has_bias),
+        grid=(cap,), in_specs=[any_spec] * len(dz_args), out_specs=[any_spec] * len(dz_shapes),
+        out_shape=dz_shapes, compiler_params=params, interpret=spec.interpret, name="cce_bwd_dz",
+    )(*dz_args)
+    outs = [out] + ([db] if has_bias else [])
+    args = ([dz, e_ND if for_dc else c_VD] + dbt + [tiles, run_lo.astype(jnp.int32), info, carry_in]
+            + ([cb_in] if has_bias else []) + outs)
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs] + [jax.ShapeDtypeStruct(carry_in.shape, acc)]
+    if has_bias:
+      out_shape.append(jax.ShapeDtypeStruct((bv,), acc))
+    res = pl.pallas_call(
+        functools.partial(_seg_kernel, for_dc=for_dc, n=n, v=v, d=d, bn=bn, bv=bv, bq=bq, n_tiles=n_tiles,
+                          v_tiles=v_tiles, precision=precision, has_bias=has_bias),
+        grid=(pl.cdiv(d, bq), cap), in_specs=[any_spec] * len(args), out_specs=[any_spec] * len(out_shape),
+        out_shape=out_shape, input_output_aliases={len(args) - len(outs) + k: k for k in range(len(outs))},
+        compiler_params=params, interpret=spec.interpret, name="cce_bwd_seg",
+    )(*args)
+    if has_bias:
+      out, db, carry_out, cb_out = res
+    else:
+      (out, carry_out), cb_out = res, cb_in
+    return s0 + cap, out, db, carry_out, cb_out
+
+  init = (jnp.int32(0), out, db, jnp.zeros((carry_rows, d), acc), jnp.zeros((bv,), acc) if has_bias else None)
+  _, out, db, _, _ = lax.while_loop(lambda carry: carry[0] < length, window, init)
+  return out, db
+
+
+def backward(spec, residuals, row_cotangents, inv_r, keep):
+  """(dE, dC, dbias, None) over the tiles where `keep` ([N tiles, V tiles] int32) is nonzero."""
+  e_ND, c_VD, bias_V, targets_N = residuals[:4]
+  cfg = spec.config
+  n_tiles, v_tiles = keep.shape
+  compute = jnp.result_type(e_ND.dtype, c_VD.dtype)
+  cap = capacity(cfg, n_tiles, v_tiles, jnp.dtype(compute).itemsize)
+  row_args = [targets_N.astype(jnp.int32), *residuals[4:6], *row_cotangents, inv_r]
+  db = jnp.zeros(bias_V.shape, bias_V.dtype) if bias_V is not None else None
+  dc, db = _sweep(spec, True, residuals, row_args, keep, jnp.zeros(c_VD.shape, c_VD.dtype), db, cap)
+  de, _ = _sweep(spec, False, residuals, row_args, keep, jnp.zeros(e_ND.shape, e_ND.dtype), None, cap)
+  return de, dc, db, None
+
+
+def capacity(config, n_tiles: int, v_tiles: int, itemsize: int) -> int:
+  """Tiles per window: as many dZ tiles as the buffer holds (`PallasGpuConfig.buffer_bytes`), at least one."""
+  per_tile = config.block_n * config.block_v * itemsize
+  return int(max(1, min(config.buffer_bytes // per_tile, n_tiles * v_tiles)))

@@ -1,0 +1,165 @@
+"""The low-memory filtered backward (`PallasGpuConfig.low_memory`, `swept_backward`): in the interpreter on CPU,
+compiled on a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cce_jax
+from cce_jax import PallasGpuConfig
+from cce_jax.ops.linear_cross_entropy import mosaic_forward
+from cce_jax.ops.linear_cross_entropy import pallas_gpu
+from cce_jax.ops.linear_cross_entropy import swept_backward
+from tests.ops.linear_cross_entropy import helpers
+
+# Tiles that divide none of the shapes below; dense_backward_above=1: the default mode always skips tiles too.
+CFG = PallasGpuConfig(block_n=16, block_v=32, block_d=16, grad_block_d=16, num_splits=2, dense_backward_above=1.0)
+
+
+def _grads(e, c, targets, bias, config, interpret=True, **kw):
+  f = lambda e, c, b: cce_jax.linear_cross_entropy(e, c, targets, bias=b, implementation="pallas_gpu",
+                                                   config=config, interpret=interpret, **kw)
+  return jax.value_and_grad(f, argnums=(0, 1, 2) if bias is not None else (0, 1))(e, c, bias)
+
+
+@pytest.mark.parametrize("buffer_tiles", [1, 3, 9, None])
+@pytest.mark.parametrize("filter_eps", [1e-30, "auto"])
+def test_low_memory_gives_the_tile_skipping_gradients(buffer_tiles, filter_eps):
+  """Any buffer size (one tile per window; runs of a vocabulary or token tile split over windows; one window)
+  gives the default tile-skipping backward's loss and gradients, bias included; with nothing filtered, the
+  full gradient."""
+  e, c, targets, bias = helpers.make_inputs(50, (70,), 40, 700, bias=True, regime="peaked", ignore_frac=0.1)
+  kw = dict(softcap=5.0, filter_eps=filter_eps)
+  low = dataclasses.replace(CFG, low_memory=True,
+                            backward_buffer_bytes=buffer_tiles and buffer_tiles * 16 * 32 * 4)
+  want = _grads(e, c, targets, bias, CFG, **kw)
+  got = _grads(e, c, targets, bias, low, **kw)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  if filter_eps == 1e-30:
+    f = lambda e, c, b: cce_jax.linear_cross_entropy(e, c, targets, bias=b, softcap=5.0, implementation="reference")
+    for a, r in zip(got[1], jax.grad(f, argnums=(0, 1, 2))(e, c, bias)):
+      assert helpers.rel_err(a, r) < 1e-5
+
+
+def test_low_memory_is_deterministic_and_skips_tiles():
+  e, c, targets, _ = helpers.make_inputs(51, (96,), 64, 1000, regime="peaked")
+  e = e + 2.0 * c[targets]  # most tiles fall below eps
+  low = dataclasses.replace(CFG, low_memory=True, backward_buffer_bytes=5 * 16 * 32 * 4)
+  spec = pallas_gpu._spec(None, 1.0, False, False, low, False, 2.0 ** -12, True)
+  (lse, *_), residuals = pallas_gpu._stats_fwd(spec, e, c, None, targets)
+  keep = np.asarray(pallas_gpu._tile_keep_mask_low_memory(spec, residuals[-1], targets, lse, jnp.ones_like(lse),
+                                                          1000))
+  assert residuals[-1][0].shape == (6, 32)  # one value per [16, 32] tile (32 = 4 groups of 8 tiles)
+  p = np.array(jax.nn.softmax(e @ c.T, axis=-1))
+  p[np.arange(96), np.asarray(targets)] = 1.0  # a target's tile is always computed
+  p = np.pad(p, ((0, 0), (0, 1024 - 1000)))
+  need = p.reshape(6, 16, 32, 32).max(axis=(1, 3)) >= 2.0 ** -12
+  assert (keep >= need).all()
+  assert keep.mean() < 0.75
+  one, two = (_grads(e, c, targets, None, low)[1] for _ in range(2))
+  for a, b in zip(one, two):
+    np.testing.assert_array_equal(a, b)
+
+
+def _tile_values(s, reference, bn, bv):
+  """max(s - reference) over each [bn, bv] tile (rows past N and columns past V drop out)."""
+  n, v = s.shape
+  x = s - reference[:, None]
+  x = jnp.pad(x, ((0, -n % bn), (0, -v % bv)), constant_values=-jnp.inf)
+  return x.reshape(x.shape[0] // bn, bn, x.shape[1] // bv, bv).max(axis=(1, 3))
+
+
+def test_triton_tile_values():
+  """The Triton forward's tile values: max(s - target logit) per tile, ignored rows left out."""
+  e, c, targets, _ = helpers.make_inputs(52, (64,), 24, 300, ignore_frac=0.2)
+  spec = pallas_gpu._spec(3.0, 1.0, False, False, dataclasses.replace(CFG, low_memory=True), False, 2.0 ** -12,
+                          True)
+  tval, reference = pallas_gpu._stats_fwd(spec, e, c, None, targets)[1][-1]
+  s = 3.0 * jnp.tanh(e @ c.T / 3.0)
+  ok = targets >= 0
+  want_ref = jnp.where(ok, jnp.take_along_axis(s, jnp.where(ok, targets, 0)[:, None], axis=1)[:, 0], jnp.inf)
+  np.testing.assert_allclose(reference, want_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(tval[:, :10], _tile_values(s, want_ref, 16, 32), rtol=1e-5, atol=1e-5)
+
+
+def test_capacity():
+  cfg = dataclasses.replace(CFG, low_memory=True)
+  assert cfg.buffer_bytes == 1 << 23 and CFG.buffer_bytes == 1 << 27
+  assert swept_backward.capacity(dataclasses.replace(cfg, backward_buffer_bytes=1), 5, 7, 4) == 1
+  assert swept_backward.capacity(cfg, 5, 7, 4) == 35
+
+
+def test_config_rejects_bad_low_memory():
+  with pytest.raises(ValueError, match="low_memory"):
+    PallasGpuConfig(low_memory=1)
+
+
+# ---- compiled on a GPU -------------------------------------------------------------------------------------------
+
+needs_hopper = pytest.mark.skipif(not helpers.has_hopper(), reason="needs an sm_90 GPU")
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("n,v,splits,block_n,block_v", [(37, 1003, 3, 16, 128), (300, 600, 1, 256, 256),
+                                                         (130, 2056, 4, 128, 128)])
+def test_mosaic_tile_values(n, v, splits, block_n, block_v):
+  """The Mosaic forward's tile values ([128, 128] tiles, then per config tile) against the logits'. (Compiled
+  only: the GPU interpreter can stall on this kernel with two CPU cores.)"""
+  e, c, targets, _ = helpers.make_inputs(53, (n,), 64, v, ignore_frac=0.2)
+  e, c = e.astype(jnp.bfloat16), c.astype(jnp.bfloat16)
+  z = jnp.dot(e.astype(jnp.float32), c.astype(jnp.float32).T)
+  s = 30.0 * jnp.tanh(z / 30.0)
+  reference = jnp.where(targets >= 0, s[:, 0] - 5.0, jnp.inf)
+  _, tval = mosaic_forward.forward_partials(e, c, targets, softcap=30.0, inv_temperature=1.0, with_sum=False,
+                                            with_mean=False, with_row_max=False, reference_N=reference,
+                                            splits=splits)
+  np.testing.assert_allclose(tval, _tile_values(s, reference, 128, 128), rtol=1e-5, atol=1e-5)
+  cfg_tiles = pallas_gpu._tile_maxima_to_config(tval, n, block_n, block_v)
+  own = _tile_values(s, reference, block_n, block_v)
+  assert cfg_tiles.shape == own.shape
+  assert (np.asarray(cfg_tiles) >= np.asarray(own) - 1e-4 * (1 + np.abs(np.asarray(own)))).all()
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_low_memory_through_the_mosaic_forward():
+  e, c, targets, _ = helpers.make_inputs(54, (90,), 64, 1000, regime="peaked")
+  e, c = e.astype(jnp.bfloat16), c.astype(jnp.bfloat16)
+  cfg = PallasGpuConfig(block_n=64, block_v=128, forward_kernel="mosaic")
+  want = _grads(e, c, targets, None, dataclasses.replace(cfg, dense_backward_above=1.0), softcap=30.0,
+                interpret=False)
+  got = _grads(e, c, targets, None, dataclasses.replace(cfg, low_memory=True), softcap=30.0,
+                 interpret=False)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for a, b in zip(got[1], want[1]):
+    assert helpers.rel_err(a, b) < 1e-2
+
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not helpers.has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("regime", ["peaked", "random"])
+@pytest.mark.parametrize("softcap", [30.0, None])
+def test_compiled_low_memory_matches_the_default(regime, softcap):
+  """Compiled (the Mosaic forward on Hopper): the default tile-skipping backward's loss and gradients, windows
+  of 64 tiles, run to run bitwise identical."""
+  from cce_jax.ops.linear_cross_entropy import benchmark
+  n, d, v = 2048, 512, 32000
+  e, c, targets = benchmark.make_inputs(n, d, v, jnp.bfloat16, regime)
+  cfg = PallasGpuConfig.for_shape(n, v, d, softcap=softcap, filtered=True)
+  want = helpers.pallas_value_and_grad(e, c, targets, softcap, dataclasses.replace(cfg, dense_backward_above=1.0))
+  low = dataclasses.replace(cfg, low_memory=True, backward_buffer_bytes=64 * 128 * 128 * 2)
+  got = helpers.pallas_value_and_grad(e, c, targets, softcap, low)
+  again = helpers.pallas_value_and_grad(e, c, targets, softcap, low)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for a, b, r in zip(got[1], again[1], want[1]):
+    np.testing.assert_array_equal(a, b)
+    assert helpers.rel_err(a, r) < 2e-3

@@ -21,11 +21,12 @@ exp(row max - LSE of the row); the backward turns that into a keep mask over the
 - otherwise runs the dense backward, faster when most tiles are kept (on Hopper dZ of every tile from
   `mosaic_dlogits`, each row of a tile zeroed where it is below filter_eps; else the XLA backward with the
   filter per dense block). The choice is made on the device (`lax.cond`).
-With `PallasGpuConfig.low_memory` the forward writes one number per [block_n, block_v] tile instead: the largest
-s - ref over its rows and columns, ref being each row's (transformed) target logit, a lower bound of its LSE
-computed ahead in XLA. Then p = exp(s - lse) <= exp(tile value + max over the tile's live rows of (ref - lse)),
-tight when the target dominates its row; the backward is `swept_backward`'s: no fp32 dE, no dense fallback, a
-small dZ buffer.
+With `PallasGpuConfig.low_memory` the forward bounds each row's largest logit per tile against ref, the row's
+(transformed) target logit, a lower bound of its LSE computed ahead in XLA: d = row max - ref - log(filter_eps),
+and p >= filter_eps needs d >= lse - ref >= 0. The Mosaic forward writes d as a 2-bit code per row and 128-wide
+tile (below 0, below 1, below 3 nats, above: 2 MiB per 2^23 row-tiles), the Triton forward the largest d per
+tile; the forward turns either into the keep mask right away, and the backward is `swept_backward`'s: no fp32 dE,
+no dense fallback, a small dZ buffer.
 
 Triton needs power-of-2 block shapes; the dimensions need not be multiples of them: a block that would run past
 the end of an array is moved back to end at the edge and its already-covered rows/columns are masked, so no
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -259,10 +261,10 @@ def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima, reference_N=None):
   partials, rmax = mosaic_forward.forward_partials(
       e_ND, c_VD, targets_N, softcap=st_spec.softcap, inv_temperature=st_spec.inv_temperature,
       with_sum=st_spec.with_sum, with_mean=st_spec.with_mean, with_row_max=skipping and reference_N is None,
-      splits=splits, reference_N=reference_N if skipping else None, approx_math=cfg.approx_math,
-      interpret=spec.interpret)
+      splits=splits, reference_N=reference_N if skipping else None, filter_eps=st_spec.filter_eps,
+      approx_math=cfg.approx_math, interpret=spec.interpret)
   if rmax is not None and reference_N is not None:
-    return partials, _tile_maxima_to_config(rmax, n, cfg.block_n, cfg.block_v)
+    return partials, rmax  # (packed codes, tiles per consumer)
   if rmax is not None:
     group = cfg.block_v // mosaic_forward.ROW_MAX_BLOCK_V  # 128-wide maxima -> block_v-wide
     tiles = pl.cdiv(rmax.shape[1], group) * group
@@ -284,21 +286,33 @@ def _target_logits(spec, e_ND, c_VD, bias_V, targets_N):
   return jnp.where(ok, s, jnp.inf)
 
 
-def _tile_maxima_to_config(tmax, n, bn, bv):
-  """Tile maxima per [128, 128] tile (the Mosaic forward's) -> per [bn, bv] config tile, bv a multiple of 128:
-  each config tile takes the maximum over the 128-tiles that cover it (an upper bound of its own maximum)."""
-  w = mosaic_forward.ROW_MAX_BLOCK_V
-  g = bv // w
-  v128 = pl.cdiv(tmax.shape[1], g) * g
-  tmax = jnp.pad(tmax, ((0, 0), (0, v128 - tmax.shape[1])), constant_values=-jnp.inf)
-  tmax = jnp.max(tmax.reshape(tmax.shape[0], v128 // g, g), axis=2)
+def _keep_from_codes(codes, lse, reference, bn, bv, v):
+  """The low-memory keep mask [N tiles, V tiles] bool from the Mosaic forward's row codes: row r needs tile k
+  when code >= 1 and CODE_UPPER[code] (+ slack) >= lse_r - ref_r. Reduced over each token tile's rows in the
+  codes' own layout first (so the per-row decode fuses into that reduction), then put in vocabulary order."""
+  packed, per_consumer = codes
+  splits, _, groups, n = packed.shape
   n_tiles = pl.cdiv(n, bn)
-  if bn >= w:
-    r = bn // w
-    rows = n_tiles * r
-    tmax = jnp.pad(tmax, ((0, rows - tmax.shape[0]), (0, 0)), constant_values=-jnp.inf)
-    return jnp.max(tmax.reshape(n_tiles, r, -1), axis=1)
-  return tmax[(jnp.arange(n_tiles) * bn) // w]
+  code = mosaic_forward.decode_codes(packed)  # [splits, 2, groups, 4, N]
+  upper = jnp.select([code == k for k in (1, 2)], [mosaic_forward.CODE_UPPER[k] for k in (1, 2)], jnp.inf)
+  need = (code >= 1) & (upper + _LOW_MEMORY_SLACK >= lse - reference)
+  need = jnp.pad(need, ((0, 0),) * 4 + ((0, n_tiles * bn - n),))
+  need = jnp.any(need.reshape(splits, 2, groups * 4, n_tiles, bn), axis=-1)[:, :, :per_consumer]
+  need = need.transpose(3, 0, 2, 1).reshape(n_tiles, -1)  # 128-tile 2 (split T + t) + consumer
+  g = bv // mosaic_forward.ROW_MAX_BLOCK_V
+  v_tiles = pl.cdiv(v, bv)
+  need = jnp.pad(need, ((0, 0), (0, max(0, v_tiles * g - need.shape[1]))))[:, :v_tiles * g]
+  return jnp.any(need.reshape(n_tiles, v_tiles, g), axis=2)
+
+
+def _keep_from_tile_values(tval, lse, reference, bn, bv, v):
+  """The low-memory keep mask [N tiles, V tiles] bool from the Triton forward's tile values (the largest
+  s - ref per tile): s - lse_r <= value + max over the tile's rows of (ref - lse)."""
+  n = lse.shape[0]
+  n_tiles, v_tiles = pl.cdiv(n, bn), pl.cdiv(v, bv)
+  gap = jnp.where(jnp.isfinite(reference), reference - lse, -jnp.inf)
+  gap = jax.ops.segment_max(gap, jnp.arange(n) // bn, num_segments=n_tiles)
+  return tval[:, :v_tiles] + gap[:, None] >= -_LOW_MEMORY_SLACK
 
 
 def _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima, reference_N=None):
@@ -318,7 +332,7 @@ def _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima, reference_
     args.append(reference_N)
   if row_maxima and _tile_skipping(spec):
     v_tiles = pl.cdiv(pl.cdiv(v, cfg.block_v), _ROW_MAX_GROUP) * _ROW_MAX_GROUP
-    if with_reference:
+    if with_reference:  # the largest s - (reference + log filter_eps) per tile
       out_shape.append(jax.ShapeDtypeStruct((pl.cdiv(n, cfg.block_n), v_tiles), part.dtype))
     else:
       out_shape.append(jax.ShapeDtypeStruct((n, v_tiles), jnp.bfloat16))
@@ -338,16 +352,16 @@ def _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima, reference_
 
 def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=True):
   """Statistics and residuals; the row maxima (for the tile-skipping backward) only when row_maxima (with
-  low_memory: the tile values and the rows' references)."""
+  low_memory: the keep mask before the backward's forced tiles)."""
   reference = None
   if row_maxima and _tile_skipping(spec) and spec.config.low_memory:
     reference = _target_logits(spec, e_ND, c_VD, bias_V, targets_N)
-  if _mosaic_forward(spec, e_ND, c_VD, bias_V):
+  mosaic = _mosaic_forward(spec, e_ND, c_VD, bias_V)
+  if mosaic:
     partials, rmax = _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima, reference)
   else:
-    partials, rmax = _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima, reference)
-  if reference is not None:
-    rmax = (rmax, reference)
+    ref_eps = None if reference is None else reference + math.log(spec.stats.filter_eps)
+    partials, rmax = _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima, ref_eps)
   m, l, st, ssum, w = partials
   # Merge the vocabulary splits.
   m_max = jnp.max(m, axis=0)
@@ -356,6 +370,9 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=True):
   lse = m_max + jnp.log(l_sum)
   mean = jnp.sum(w * scale, axis=0) / l_sum if spec.stats.with_mean else jnp.zeros_like(lse)
   out = (lse, jnp.sum(st, axis=0), jnp.sum(ssum, axis=0), mean)
+  if reference is not None:
+    keep = _keep_from_codes if mosaic else _keep_from_tile_values
+    rmax = keep(rmax, lse, reference, spec.config.block_n, spec.config.block_v, c_VD.shape[0])
   return out, (e_ND, c_VD, bias_V, targets_N, lse, mean, rmax)
 
 
@@ -383,17 +400,8 @@ def _round_up_bf16(x):
 _LOW_MEMORY_SLACK = 1e-3
 
 
-def _tile_keep_mask_low_memory(spec, maxima, targets_N, lse, inv_r, v):
-  """The keep mask from maxima = (tile values [N tiles, >= V tiles] fp32, references [N]): for row r of tile
-  (i, j), s - lse_r = (s - ref_r) + (ref_r - lse_r) <= value_ij + max over live rows of i of (ref - lse).
-  Forced tiles as in `_tile_keep_mask`."""
-  tval, reference = maxima
-  bn, bv = spec.config.block_n, spec.config.block_v
-  n = lse.shape[0]
-  n_tiles, v_tiles = pl.cdiv(n, bn), pl.cdiv(v, bv)
-  gap = jnp.where(inv_r != 0, reference - lse, -jnp.inf)
-  gap = jax.ops.segment_max(gap, jnp.arange(n) // bn, num_segments=n_tiles)
-  keep = tval[:, :v_tiles] + gap[:, None] >= jnp.log(spec.stats.filter_eps) - _LOW_MEMORY_SLACK
+def _tile_keep_mask_low_memory(spec, keep, targets_N, lse, inv_r, v):
+  """The forward's low-memory keep mask (bool) with the forced tiles of `_tile_keep_mask`."""
   return _with_forced_tiles(spec, keep, targets_N, lse, inv_r, v)
 
 

@@ -14,7 +14,7 @@ tiles (as many dZ tiles as `backward_buffer_bytes` holds); per window two kernel
 Every sum runs in a fixed order: the result is bitwise reproducible. It equals the tile-skipping backward of
 `compact_backward` up to fp32 summation order. Each kept tile's dZ is computed twice (once per sweep); the
 windows' runs bound the parallelism of a window (a token tile's run spans all its kept tiles). Memory: the dZ
-buffer, two tile lists of N tiles × V tiles int32, two carries and the gradients.
+buffer, two tile lists of N tiles × V tiles int32, the windows' run tables, two carries and the gradients.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ from cce_jax.ops.linear_cross_entropy import xla_chunked
 _block_start = xla_chunked.block_start
 # Window information, int32: the fields that the tile kernel reads (start, length) sit where it reads them.
 _FIRST_CONTINUES, _LAST_CONTINUES, _START, _LENGTH, _RUNS = range(5)
+# The D block of each sweep's gradient programs (True: dC, False: dE); None: `grad_block_d`. A token tile's run
+# spans all its kept tiles, so a window of the dE sweep holds few runs: narrower D blocks make more programs (H200
+# loss + gradient, peaked, dE block 128 / 64 / 32: gemma2_2b 72.1 / 65.7 / 63.7 ms, llama3_8b_4k 24.9 / 23.2 /
+# 22.8).
+_SEG_BLOCK_D = {True: None, False: 32}
 
 
 def _seg_kernel(*refs, for_dc, n, v, d, bn, bv, bq, n_tiles, v_tiles, precision, has_bias):
@@ -115,7 +120,7 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
   v = c_VD.shape[0]
   cfg = spec.config
   bn, bv = cfg.block_n, cfg.block_v
-  bq = min(cfg.grad_block_d, 1 << (d.bit_length() - 1))
+  bq = min(_SEG_BLOCK_D.get(for_dc) or cfg.grad_block_d, 1 << (d.bit_length() - 1))
   n_tiles, v_tiles = keep.shape
   has_bias = for_dc and bias_V is not None
   compute = jnp.result_type(e_ND.dtype, c_VD.dtype)
@@ -125,28 +130,22 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
   any_spec = pl.no_block_spec
 
   order = keep.T if for_dc else keep
-  total = n_tiles * v_tiles
-  (tiles,) = jnp.nonzero(order.reshape(-1) != 0, size=total + cap, fill_value=0)
+  windows = pl.cdiv(n_tiles * v_tiles, cap)  # at most
+  (tiles,) = jnp.nonzero(order.reshape(-1) != 0, size=(windows + 1) * cap, fill_value=0)
   tiles = tiles.astype(jnp.int32)
   length = jnp.sum(keep != 0, dtype=jnp.int32)
   per_owner = n_tiles if for_dc else v_tiles
+  run_lo, info = _windows(tiles // per_owner, length, cap, windows)
   dz_shapes = [jax.ShapeDtypeStruct((cap * bn, bv), compute)]
   if has_bias:
     dz_shapes.append(jax.ShapeDtypeStruct((cap, bv), acc))
   carry_rows = bv if for_dc else bn
 
   def window(carry):
-    s0, out, db, carry_in, cb_in = carry
-    owner = lax.dynamic_slice(tiles, (s0,), (cap,)) // per_owner
-    count = jnp.minimum(cap, length - s0)
-    k = jnp.arange(cap)
-    starts = (k < count) & ((k == 0) | (owner != jnp.roll(owner, 1)))
-    (run_lo,) = jnp.nonzero(starts, size=cap + 1, fill_value=count)
-    before = tiles[jnp.maximum(s0 - 1, 0)] // per_owner
-    after = tiles[s0 + cap] // per_owner
-    info = jnp.stack([(s0 > 0) & (before == owner[0]), (s0 + cap < length) & (after == owner[cap - 1]),
-                      s0, length, jnp.sum(starts)]).astype(jnp.int32)
-    dz_args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + row_args + [tiles, info]
+    w, out, db, carry_in, cb_in = carry
+    info_w = lax.dynamic_index_in_dim(info, w, keepdims=False)
+    run_lo_w = lax.dynamic_index_in_dim(run_lo, w, keepdims=False)
+    dz_args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + row_args + [tiles, info_w]
     dz, *dbt = pl.pallas_call(
         functools.partial(compact_backward.dz_kernel, spec=spec, n=n, v=v, d=d, n_tiles=n_tiles,
                           v_tiles=None if for_dc else v_tiles, has_bias=bias_V is not None, dbias=has_bias),
@@ -154,7 +153,7 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
         out_shape=dz_shapes, compiler_params=params, interpret=spec.interpret, name="cce_bwd_dz",
     )(*dz_args)
     outs = [out] + ([db] if has_bias else [])
-    args = ([dz, e_ND if for_dc else c_VD] + dbt + [tiles, run_lo.astype(jnp.int32), info, carry_in]
+    args = ([dz, e_ND if for_dc else c_VD] + dbt + [tiles, run_lo_w, info_w, carry_in]
             + ([cb_in] if has_bias else []) + outs)
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs] + [jax.ShapeDtypeStruct(carry_in.shape, acc)]
     if has_bias:
@@ -170,11 +169,30 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
       out, db, carry_out, cb_out = res
     else:
       (out, carry_out), cb_out = res, cb_in
-    return s0 + cap, out, db, carry_out, cb_out
+    return w + 1, out, db, carry_out, cb_out
 
   init = (jnp.int32(0), out, db, jnp.zeros((carry_rows, d), acc), jnp.zeros((bv,), acc) if has_bias else None)
-  _, out, db, _, _ = lax.while_loop(lambda carry: carry[0] < length, window, init)
+  _, out, db, _, _ = lax.while_loop(lambda carry: carry[0] * cap < length, window, init)
   return out, db
+
+
+def _windows(owner, length, cap, windows):
+  """Per window of `cap` list entries, all at once: the runs' first slots [windows, cap + 1] (then the window's
+  entry count) and the window information [windows, 5] (see `_FIRST_CONTINUES`...). owner: each list entry's
+  output tile, [(windows + 1) * cap]; length: the list's length."""
+  pos = jnp.arange(windows * cap)
+  own = owner[:windows * cap]
+  starts = (pos < length) & ((pos % cap == 0) | (own != jnp.concatenate([own[:1] - 1, own[:-1]])))
+  starts = starts.reshape(windows, cap)
+  k = jnp.arange(cap, dtype=jnp.int32)
+  s0 = jnp.arange(windows, dtype=jnp.int32) * cap
+  count = jnp.clip(length - s0, 0, cap)
+  run_lo = jnp.sort(jnp.where(starts, k, cap), axis=1)
+  run_lo = jnp.concatenate([jnp.where(run_lo == cap, count[:, None], run_lo), count[:, None]], axis=1)
+  first = (s0 > 0) & (owner[jnp.maximum(s0 - 1, 0)] == owner[s0])
+  last = (s0 + cap < length) & (owner[s0 + cap] == owner[s0 + cap - 1])
+  info = jnp.stack([first, last, s0, jnp.broadcast_to(length, s0.shape), jnp.sum(starts, axis=1)], axis=1)
+  return run_lo.astype(jnp.int32), info.astype(jnp.int32)
 
 
 def backward(spec, residuals, row_cotangents, inv_r, keep):

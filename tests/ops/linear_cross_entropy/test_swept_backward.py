@@ -56,7 +56,7 @@ def test_low_memory_is_deterministic_and_skips_tiles():
   (lse, *_), residuals = pallas_gpu._stats_fwd(spec, e, c, None, targets)
   keep = np.asarray(pallas_gpu._tile_keep_mask_low_memory(spec, residuals[-1], targets, lse, jnp.ones_like(lse),
                                                           1000))
-  assert residuals[-1][0].shape == (6, 32)  # one value per [16, 32] tile (32 = 4 groups of 8 tiles)
+  assert residuals[-1].shape == (6, 32)  # the forward's keep mask
   p = np.array(jax.nn.softmax(e @ c.T, axis=-1))
   p[np.arange(96), np.asarray(targets)] = 1.0  # a target's tile is always computed
   p = np.pad(p, ((0, 0), (0, 1024 - 1000)))
@@ -68,25 +68,72 @@ def test_low_memory_is_deterministic_and_skips_tiles():
     np.testing.assert_array_equal(a, b)
 
 
-def _tile_values(s, reference, bn, bv):
-  """max(s - reference) over each [bn, bv] tile (rows past N and columns past V drop out)."""
-  n, v = s.shape
-  x = s - reference[:, None]
-  x = jnp.pad(x, ((0, -n % bn), (0, -v % bv)), constant_values=-jnp.inf)
-  return x.reshape(x.shape[0] // bn, bn, x.shape[1] // bv, bv).max(axis=(1, 3))
+def _needed_tiles(e, c, targets, softcap, bn, bv, eps=2.0 ** -12):
+  """[N tiles, V tiles]: tiles with a softmax entry >= eps (fp32 reference) or a row's target."""
+  z = jnp.dot(e.astype(jnp.float32), c.astype(jnp.float32).T, precision="highest")
+  s = softcap * jnp.tanh(z / softcap) if softcap else z
+  p = np.array(jax.nn.softmax(s, axis=-1))
+  n, v = p.shape
+  ok = np.asarray(targets) >= 0
+  p[np.arange(n)[ok], np.asarray(targets)[ok]] = 1.0
+  p[~ok] = 0.0
+  p = np.pad(p, ((0, -n % bn), (0, -v % bv)))
+  return p.reshape(p.shape[0] // bn, bn, p.shape[1] // bv, bv).max(axis=(1, 3)) >= eps
 
 
-def test_triton_tile_values():
-  """The Triton forward's tile values: max(s - target logit) per tile, ignored rows left out."""
-  e, c, targets, _ = helpers.make_inputs(52, (64,), 24, 300, ignore_frac=0.2)
-  spec = pallas_gpu._spec(3.0, 1.0, False, False, dataclasses.replace(CFG, low_memory=True), False, 2.0 ** -12,
-                          True)
-  tval, reference = pallas_gpu._stats_fwd(spec, e, c, None, targets)[1][-1]
-  s = 3.0 * jnp.tanh(e @ c.T / 3.0)
-  ok = targets >= 0
-  want_ref = jnp.where(ok, jnp.take_along_axis(s, jnp.where(ok, targets, 0)[:, None], axis=1)[:, 0], jnp.inf)
-  np.testing.assert_allclose(reference, want_ref, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(tval[:, :10], _tile_values(s, want_ref, 16, 32), rtol=1e-5, atol=1e-5)
+def _keep_base(e, c, targets, softcap, cfg, interpret=True):
+  spec = pallas_gpu._spec(softcap, 1.0, False, False, cfg, False, 2.0 ** -12, interpret)
+  return np.asarray(jax.jit(lambda e, c: pallas_gpu._stats_fwd(spec, e, c, None, targets)[1][-1])(e, c))
+
+
+def test_triton_keep_mask_bounds_the_needed_tiles():
+  """The Triton forward's tile values give a keep mask that holds every needed tile; ignored rows add none."""
+  e, c, targets, _ = helpers.make_inputs(52, (96,), 64, 1000, regime="peaked", ignore_frac=0.2)
+  e = e + 2.0 * c[jnp.maximum(targets, 0)]  # most tiles fall below eps
+  keep = _keep_base(e, c, targets, 30.0, dataclasses.replace(CFG, low_memory=True))
+  need = _needed_tiles(e, c, targets, 30.0, 16, 32)
+  assert keep.shape == need.shape
+  assert (keep >= need).all() and need.mean() < keep.mean() < 0.75
+
+
+def _encode_codes(d, splits, per_consumer):
+  """The Mosaic forward's packed codes of d [V tiles of 128, N] (nats), in its layout (numpy)."""
+  from cce_jax.ops.linear_cross_entropy import mosaic_forward as mf
+  v_tiles, n = d.shape
+  code = sum((d >= level).astype(np.int32) for level in mf.CODE_LEVELS)
+  groups = -(-per_consumer // 4)
+  packed = np.zeros((splits, 2, groups, n), np.int32)
+  for j in range(splits):
+    for w in range(2):
+      for t in range(per_consumer):
+        k = 2 * (j * per_consumer + t) + w
+        if k < v_tiles:
+          packed[j, w, t // 4] |= code[k] << (2 * (t % 4))
+  return jnp.asarray(packed.astype(np.uint8).astype(np.int8))
+
+
+@pytest.mark.parametrize("bn,bv", [(16, 128), (64, 256), (256, 128)])
+def test_keep_from_codes_decodes_the_layout(bn, bv):
+  """`_keep_from_codes` against a brute-force decode: row r needs 128-tile k iff its code allows d >= lse - ref."""
+  rng = np.random.default_rng(0)
+  n, v, splits, per_consumer = 300, 2500, 3, 4  # 20 tiles of 128, 24 slots: the last split partly empty
+  d = rng.uniform(-2.0, 5.0, (20, n))
+  lse_minus_ref = rng.uniform(0.0, 4.0, (n,))
+  reference = jnp.asarray(np.where(rng.uniform(size=n) < 0.1, np.inf, 1.0))
+  d = np.where(np.isinf(np.asarray(reference))[None, :], -np.inf, d)
+  lse = reference + lse_minus_ref
+  keep = np.asarray(pallas_gpu._keep_from_codes((_encode_codes(d, splits, per_consumer), per_consumer), lse,
+                                                reference, bn, bv, v))
+  from cce_jax.ops.linear_cross_entropy import mosaic_forward as mf
+  code = sum((d >= level).astype(np.int32) for level in mf.CODE_LEVELS)
+  upper = np.asarray(mf.CODE_UPPER)[code]
+  row_need = (code >= 1) & (upper + 1e-3 >= np.asarray(lse - reference)[None, :])  # [20, n]
+  nt, vt = -(-n // bn), -(-v // bv)
+  row_need = np.pad(row_need, ((0, vt * bv // 128 - 20), (0, nt * bn - n)))
+  want = row_need.reshape(vt, bv // 128, nt, bn).any(axis=(1, 3)).T
+  np.testing.assert_array_equal(keep, want)
+  # and the codes are a bound: every (row, tile) with d >= lse - ref is kept
+  assert (row_need[:20, :n] >= (d >= np.asarray(lse - reference)[None, :])).all()
 
 
 def test_capacity():
@@ -108,23 +155,19 @@ needs_hopper = pytest.mark.skipif(not helpers.has_hopper(), reason="needs an sm_
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("n,v,splits,block_n,block_v", [(37, 1003, 3, 16, 128), (300, 600, 1, 256, 256),
-                                                         (130, 2056, 4, 128, 128)])
-def test_mosaic_tile_values(n, v, splits, block_n, block_v):
-  """The Mosaic forward's tile values ([128, 128] tiles, then per config tile) against the logits'. (Compiled
-  only: the GPU interpreter can stall on this kernel with two CPU cores.)"""
-  e, c, targets, _ = helpers.make_inputs(53, (n,), 64, v, ignore_frac=0.2)
+                                                         (1030, 20056, 4, 128, 128)])
+def test_mosaic_keep_mask_bounds_the_needed_tiles(n, v, splits, block_n, block_v):
+  """The Mosaic forward's row codes give a keep mask that holds every needed tile and, on peaked inputs, not
+  many more (compiled only: the GPU interpreter can stall on this kernel with two CPU cores)."""
+  e, c, targets, _ = helpers.make_inputs(53, (n,), 64, v, regime="peaked", ignore_frac=0.2)
   e, c = e.astype(jnp.bfloat16), c.astype(jnp.bfloat16)
-  z = jnp.dot(e.astype(jnp.float32), c.astype(jnp.float32).T)
-  s = 30.0 * jnp.tanh(z / 30.0)
-  reference = jnp.where(targets >= 0, s[:, 0] - 5.0, jnp.inf)
-  _, tval = mosaic_forward.forward_partials(e, c, targets, softcap=30.0, inv_temperature=1.0, with_sum=False,
-                                            with_mean=False, with_row_max=False, reference_N=reference,
-                                            splits=splits)
-  np.testing.assert_allclose(tval, _tile_values(s, reference, 128, 128), rtol=1e-5, atol=1e-5)
-  cfg_tiles = pallas_gpu._tile_maxima_to_config(tval, n, block_n, block_v)
-  own = _tile_values(s, reference, block_n, block_v)
-  assert cfg_tiles.shape == own.shape
-  assert (np.asarray(cfg_tiles) >= np.asarray(own) - 1e-4 * (1 + np.abs(np.asarray(own)))).all()
+  cfg = PallasGpuConfig(block_n=block_n, block_v=block_v, num_splits=splits, forward_kernel="mosaic",
+                        low_memory=True)
+  keep = _keep_base(e, c, targets, 30.0, cfg, interpret=False)
+  need = _needed_tiles(e, c, targets, 30.0, block_n, block_v)
+  assert keep.shape == need.shape
+  assert (keep >= need).all()
+  assert keep.mean() <= need.mean() + 0.1
 
 
 @pytest.mark.gpu

@@ -69,8 +69,8 @@ def forward_partials(e_ND, c_VD, targets_N, *, softcap, inv_temperature, with_su
     G, N] int8 hold 2 bits per row and tile, the t-th tile of consumer w of split j (tiles 128 (2 (j T + t) + w)
     on) in group t // 4 at bit 2 (t % 4) (`decode_codes`), or None.
   """
-  with_tile_max = reference_N is not None
-  if with_row_max and with_tile_max:
+  with_codes = reference_N is not None
+  if with_row_max and with_codes:
     raise ValueError("forward_partials: with_row_max and reference_N exclude each other")
   n, d = e_ND.shape
   v = c_VD.shape[0]
@@ -80,26 +80,25 @@ def forward_partials(e_ND, c_VD, targets_N, *, softcap, inv_temperature, with_su
   v_per_split, splits = mp.split_vocabulary(v, splits)
   per_consumer = v_per_split // mp.CTA_V  # tiles per consumer; their codes go 4 to a byte
   groups = pl.cdiv(per_consumer, 4)
-  stages = mp.num_stages(mp.block_d(d), 8192 + (3 * _BN * 4 if with_tile_max else 0))
+  stages = mp.num_stages(mp.block_d(d), 8192 + (3 * _BN * 4 if with_codes else 0))
   n_tiles = pl.cdiv(n8, _BN)
   n_pad = n_tiles * _BN  # TMA stores whole [128] rows
   kernel = functools.partial(
       _kernel, d=d, stages=stages, v=v, v_per_split=v_per_split, softcap=softcap,
       inv_temperature=inv_temperature, with_sum=with_sum, with_mean=with_mean, with_row_max=with_row_max,
-      code_groups=groups if with_tile_max else 0, log_eps=math.log(filter_eps) if with_tile_max else None)
+      code_groups=groups if with_codes else 0, log_eps=math.log(filter_eps) if with_codes else None)
   part = jax.ShapeDtypeStruct((2 * splits, n_pad), jnp.float32)
   out_type = [part] * 5
   if with_row_max:
     out_type.append(jax.ShapeDtypeStruct((pl.cdiv(v, _BV), n_pad), jnp.float32))
-  if with_tile_max:  # [split, consumer, group, N]: 2 bits per tile, consumer wg's t-th tile (group t // 4, bits
-    out_type.append(jax.ShapeDtypeStruct((splits * 2 * groups, n_pad), jnp.int8))  # 2 (t % 4)) is 128-tile
-                                                                                  # 2 (split T + t) + wg
+  if with_codes:  # [(split, consumer, group), N], 2 bits per tile (see Returns)
+    out_type.append(jax.ShapeDtypeStruct((splits * 2 * groups, n_pad), jnp.int8))
   args = [e_ND, c_VD, targets_N.astype(jnp.int32)]
-  if with_tile_max:  # whole tiles of +inf past N: no out-of-bounds rows (TMA would fill them with 0)
+  if with_codes:  # whole tiles of +inf past N: no out-of-bounds rows (TMA would fill them with 0)
     args.append(jnp.pad(reference_N.astype(jnp.float32), (0, n_pad - n), constant_values=jnp.inf))
   outs = mp.launch(kernel, out_type, n=n8, splits=splits, approx_math=approx_math, interpret=interpret)(*args)
   stats = tuple(o[:, :n] for o in outs[:5])
-  if with_tile_max:
+  if with_codes:
     return stats, (outs[5].reshape(splits, 2, groups, n_pad)[..., :n], per_consumer)
   return stats, (outs[5][:, :n].T if with_row_max else None)
 

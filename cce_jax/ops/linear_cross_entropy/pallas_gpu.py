@@ -45,12 +45,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from cce_jax.ops.linear_cross_entropy import stats_losses
-from cce_jax.ops.linear_cross_entropy import swept_backward
 from cce_jax.ops.linear_cross_entropy import compact_backward
 from cce_jax.ops.linear_cross_entropy import mosaic_dlogits
 from cce_jax.ops.linear_cross_entropy import mosaic_forward
 from cce_jax.ops.linear_cross_entropy import mosaic_pipeline
+from cce_jax.ops.linear_cross_entropy import stats_losses
+from cce_jax.ops.linear_cross_entropy import swept_backward
 from cce_jax.ops.linear_cross_entropy import triton_tiles
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
@@ -253,7 +253,7 @@ def _mosaic_dlogits(spec, e_ND, c_VD, bias_V) -> bool:
 
 def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima, reference_N=None):
   """The Mosaic GPU forward: per-(sub)split statistics [2 × splits, N] and the row maxima per block_v tile (or,
-  given reference_N, the tile values per [block_n, block_v] tile)."""
+  given reference_N, the packed row codes and the tiles per consumer, for `_keep_from_codes`)."""
   n, v = e_ND.shape[0], c_VD.shape[0]
   cfg, st_spec = spec.config, spec.stats
   skipping = row_maxima and _tile_skipping(spec)

@@ -261,9 +261,9 @@ def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima, reference_N=None):
   partials, rmax = mosaic_forward.forward_partials(
       e_ND, c_VD, targets_N, softcap=st_spec.softcap, inv_temperature=st_spec.inv_temperature,
       with_sum=st_spec.with_sum, with_mean=st_spec.with_mean, with_row_max=skipping and reference_N is None,
-      splits=splits, reference_N=reference_N if skipping else None, filter_eps=st_spec.filter_eps,
+      splits=splits, reference_N=reference_N, filter_eps=st_spec.filter_eps,
       approx_math=cfg.approx_math, interpret=spec.interpret)
-  if rmax is not None and reference_N is not None:
+  if reference_N is not None:
     return partials, rmax  # (packed codes, tiles per consumer)
   if rmax is not None:
     group = cfg.block_v // mosaic_forward.ROW_MAX_BLOCK_V  # 128-wide maxima -> block_v-wide
@@ -327,7 +327,7 @@ def _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima, reference_
   part = jax.ShapeDtypeStruct((splits, n), xla_chunked.acc_dtype(e_ND.dtype, c_VD.dtype))
   args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + [targets_N.astype(jnp.int32)]
   out_shape = [part] * 5
-  with_reference = row_maxima and _tile_skipping(spec) and reference_N is not None
+  with_reference = reference_N is not None  # given only with row_maxima and tile skipping
   if with_reference:
     args.append(reference_N)
   if row_maxima and _tile_skipping(spec):

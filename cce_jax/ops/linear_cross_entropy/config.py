@@ -72,13 +72,14 @@ class PallasGpuConfig:
     backward_buffer_bytes: the tile-skipping backward's dZ buffer (kept tiles in the compute dtype); more kept
       tiles than it holds run in several passes. None: 2^27 bytes, or 2^23 with low_memory (`buffer_bytes`).
     low_memory: the filtered backward (filter_eps set, exact=False) holds ~12 MiB of temporaries instead of
-      ~300: the forward bounds each row's logits per tile against the row's target logit (a 2-bit code per row
-      and tile from the Mosaic forward, one value per tile from Triton's) and turns that into the keep mask at
-      once (looser than the default's per-row maxima: more tiles kept, the same gradients); the kept tiles run
-      in two sweeps over the dZ buffer, dC then dE, each gradient written once from fp32 sums (`swept_backward`:
-      no fp32 dE, no dense fallback, every kept tile's dZ computed twice). Deterministic. Slower than the
-      default, and slow when most tiles are kept (H200 loss + gradient, peaked / random: gemma2_2b 64.0 / 290.6
-      ms vs 23.2 / 25.5 at 11.4 vs 310 MiB; llama3_8b_4k 23.1 / 80.8 vs 12.3 / 26.2 at 12.3 vs 340 MiB).
+      ~300: the forward codes each row's largest logit per tile against an estimate of the row's LSE from a
+      vocabulary sample (`lse_estimate`; a 2-bit code per row and tile from the Mosaic forward, one value per
+      tile from Triton's) and turns that into the keep mask at once (nearly as tight as the default's per-row
+      maxima, the same gradients); the kept tiles run in two sweeps over the dZ buffer, dC then dE, each
+      gradient written once from fp32 sums (`swept_backward`: no fp32 dE, no dense fallback, every kept tile's
+      dZ computed twice). Deterministic. Slower than the default, and slow when most tiles are kept (H200 loss
+      + gradient, peaked / random: gemma2_2b 30.0 / 38.2 ms vs 23.0 / 24.7 at 11.4 vs 310 MiB; llama3_8b_4k
+      16.5 / 56.2 vs 12.1 / 25.7 at 12.3 vs 340 MiB).
       Exact mode and filter_eps=None keep the dense backward.
     grad_block_d: the hidden-size block of each gradient program of the tile-skipping backward (power of 2).
     sort_vocabulary: with gradient filtering, reorder the vocabulary by decreasing mean logit over the batch

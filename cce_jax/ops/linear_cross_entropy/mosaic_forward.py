@@ -37,9 +37,11 @@ _LN2 = math.log(2.0)
 # fp32's normal range (e^-80 > 2^-126), so the sums use b as a fixed reference instead of a running maximum.
 FIXED_REFERENCE_MAX = 40.0
 # Row codes: d = row max - reference - log(filter_eps) (nats) is coded 0 below CODE_LEVELS[0], 1 below
-# CODE_LEVELS[1], 2 below CODE_LEVELS[2], else 3; CODE_UPPER[code] bounds d from above.
-CODE_LEVELS = (-0.01, 1.0, 3.0)
-CODE_UPPER = (-float("inf"), 1.0, 3.0, float("inf"))
+# CODE_LEVELS[1], 2 below CODE_LEVELS[2], else 3; CODE_UPPER[code] bounds d from above. The reference is an
+# estimate of the row's LSE a little below it (`lse_estimate`), so lse - ref mostly lies in [0, 0.5): the levels
+# are fine there.
+CODE_LEVELS = (-0.1, 0.1, 0.5)
+CODE_UPPER = CODE_LEVELS + (float("inf"),)
 
 
 def unsupported_reason(e_ND, c_VD, bias_V, row_max_block_v=None) -> str | None:

@@ -21,12 +21,12 @@ exp(row max - LSE of the row); the backward turns that into a keep mask over the
 - otherwise runs the dense backward, faster when most tiles are kept (on Hopper dZ of every tile from
   `mosaic_dlogits`, each row of a tile zeroed where it is below filter_eps; else the XLA backward with the
   filter per dense block). The choice is made on the device (`lax.cond`).
-With `PallasGpuConfig.low_memory` the forward bounds each row's largest logit per tile against ref, the row's
-(transformed) target logit, a lower bound of its LSE computed ahead in XLA: d = row max - ref - log(filter_eps),
-and p >= filter_eps needs d >= lse - ref >= 0. The Mosaic forward writes d as a 2-bit code per row and 128-wide
-tile (below 0, below 1, below 3 nats, above: 2 MiB per 2^23 row-tiles), the Triton forward the largest d per
-tile; the forward turns either into the keep mask right away, and the backward is `swept_backward`'s: no fp32 dE,
-no dense fallback, a small dZ buffer.
+With `PallasGpuConfig.low_memory` the forward codes each row's largest logit per tile against ref, an estimate
+of the row's LSE a little below it, computed ahead in XLA from a sample of the vocabulary (`lse_estimate`):
+d = row max - ref - log(filter_eps), and p >= filter_eps needs d >= lse - ref (mostly in [0, 0.5)). The Mosaic
+forward writes d as a 2-bit code per row and 128-wide tile (`mosaic_forward.CODE_LEVELS`; 2 MiB per 2^23
+row-tiles), the Triton forward the largest d per tile; the forward turns either into the keep mask right away,
+and the backward is `swept_backward`'s: no fp32 dE, no dense fallback, a small dZ buffer.
 
 Triton needs power-of-2 block shapes; the dimensions need not be multiples of them: a block that would run past
 the end of an array is moved back to end at the edge and its already-covered rows/columns are masked, so no
@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cce_jax.ops.linear_cross_entropy import compact_backward
+from cce_jax.ops.linear_cross_entropy import lse_estimate
 from cce_jax.ops.linear_cross_entropy import mosaic_dlogits
 from cce_jax.ops.linear_cross_entropy import mosaic_forward
 from cce_jax.ops.linear_cross_entropy import mosaic_pipeline
@@ -273,29 +274,17 @@ def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima, reference_N=None):
   return partials, rmax
 
 
-def _target_logits(spec, e_ND, c_VD, bias_V, targets_N):
-  """[N] fp32: each row's transformed target logit, a lower bound of its LSE; +inf where the target is out of
-  range (ignored rows; a scored one makes the loss NaN, and NaN keeps every tile of its rows)."""
-  v = c_VD.shape[0]
-  ok = (targets_N >= 0) & (targets_N < v)
-  t = jnp.where(ok, targets_N, 0)
-  z = jnp.sum(e_ND.astype(jnp.float32) * c_VD[t].astype(jnp.float32), axis=1)
-  if bias_V is not None:
-    z = z + bias_V[t].astype(jnp.float32)
-  s, _ = xla_chunked.transform(z, spec.stats)
-  return jnp.where(ok, s, jnp.inf)
-
-
 def _keep_from_codes(codes, lse, reference, bn, bv, v):
   """The low-memory keep mask [N tiles, V tiles] bool from the Mosaic forward's row codes: row r needs tile k
-  when code >= 1 and CODE_UPPER[code] (+ slack) >= lse_r - ref_r. Reduced over each token tile's rows in the
-  codes' own layout first (so the per-row decode fuses into that reduction), then put in vocabulary order."""
+  when CODE_UPPER[code] (+ slack) >= lse_r - ref_r, never where ref_r is +inf (no live target). Reduced over each
+  token tile's rows in the codes' own layout first (so the per-row decode fuses into that reduction), then put in
+  vocabulary order."""
   packed, per_consumer = codes
   splits, _, groups, n = packed.shape
   n_tiles = pl.cdiv(n, bn)
   code = mosaic_forward.decode_codes(packed)  # [splits, 2, groups, 4, N]
-  upper = jnp.select([code == k for k in (1, 2)], [mosaic_forward.CODE_UPPER[k] for k in (1, 2)], jnp.inf)
-  need = (code >= 1) & (upper + _LOW_MEMORY_SLACK >= lse - reference)
+  upper = jnp.select([code == k for k in (0, 1, 2)], [mosaic_forward.CODE_UPPER[k] for k in (0, 1, 2)], jnp.inf)
+  need = jnp.isfinite(reference) & (upper + _LOW_MEMORY_SLACK >= lse - reference)
   need = jnp.pad(need, ((0, 0),) * 4 + ((0, n_tiles * bn - n),))
   need = jnp.any(need.reshape(splits, 2, groups * 4, n_tiles, bn), axis=-1)[:, :, :per_consumer]
   need = need.transpose(3, 0, 2, 1).reshape(n_tiles, -1)  # 128-tile 2 (split T + t) + consumer
@@ -355,7 +344,7 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=True):
   low_memory: the keep mask before the backward's forced tiles)."""
   reference = None
   if row_maxima and _tile_skipping(spec) and spec.config.low_memory:
-    reference = _target_logits(spec, e_ND, c_VD, bias_V, targets_N)
+    reference = lse_estimate.reference(spec.stats, e_ND, c_VD, bias_V, targets_N)
   mosaic = _mosaic_forward(spec, e_ND, c_VD, bias_V)
   if mosaic:
     partials, rmax = _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima, reference)

@@ -82,6 +82,10 @@ class PallasGpuConfig:
       16.5 / 56.2 vs 12.1 / 25.7 at 12.3 vs 340 MiB).
       Exact mode and filter_eps=None keep the dense backward.
     grad_block_d: the hidden-size block of each gradient program of the tile-skipping backward (power of 2).
+    grad_block_n: the token tile of the tile-skipping backward and its keep mask (power of 2, >= 16 on a GPU).
+      Smaller tiles skip more: on peaked inputs a kept tile is mostly there for one row's target, so the kept
+      work scales with grad_block_n (H200 loss + gradient, gemma2_2b peaked: default 22.8 / 19.2 / 18.1 ms at
+      128 / 64 / 32; low_memory 29.6 / 23.7 / 21.8 / 21.5 ms at 128 / 64 / 32 / 16, the last at 18 MiB).
     sort_vocabulary: with gradient filtering, reorder the vocabulary by decreasing mean logit over the batch
       before the kernels, so that the entries with non-negligible softmax share logit tiles and fewer tiles are
       kept (CCE §4.3). Costs a permuted copy of c (V × D) and a scatter of dC; helps on real, Zipf-like
@@ -114,6 +118,7 @@ class PallasGpuConfig:
   dense_block_elements: int = 1 << 26
   backward_buffer_bytes: int | None = None
   grad_block_d: int = 128
+  grad_block_n: int = 32
   sort_vocabulary: bool = False
   forward_kernel: str = "auto"
   dense_backward_kernel: str = "auto"
@@ -121,7 +126,7 @@ class PallasGpuConfig:
   low_memory: bool = False
 
   def __post_init__(self):
-    for name in ("block_n", "block_v", "block_d", "grad_block_d"):
+    for name in ("block_n", "block_v", "block_d", "grad_block_d", "grad_block_n"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
         raise ValueError(f"PallasGpuConfig.{name} must be a positive power of 2, got {value!r}")
@@ -171,7 +176,7 @@ class PallasGpuConfig:
     """Each block no larger than the largest power of 2 within its dimension."""
     return dataclasses.replace(
         self, block_n=min(self.block_n, _pow2_floor(n)), block_v=min(self.block_v, _pow2_floor(v)),
-        block_d=min(self.block_d, _pow2_floor(d)))
+        block_d=min(self.block_d, _pow2_floor(d)), grad_block_n=min(self.grad_block_n, _pow2_floor(n)))
 
   @property
   def buffer_bytes(self) -> int:

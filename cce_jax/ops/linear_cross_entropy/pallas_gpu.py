@@ -294,6 +294,22 @@ def _keep_from_codes(codes, lse, reference, bn, bv, v):
   return jnp.any(need.reshape(n_tiles, v_tiles, g), axis=2)
 
 
+def _regrid_rows(keep, block, new_block, n):
+  """A keep mask over token tiles of `block` rows as one over tiles of `new_block` rows (powers of 2): a new tile
+  is kept where any old tile that shares a row with it is."""
+  if new_block <= block:
+    return keep[(jnp.arange(pl.cdiv(n, new_block)) * new_block) // block]
+  group = new_block // block
+  tiles = pl.cdiv(n, new_block)
+  keep = jnp.pad(keep, ((0, tiles * group - keep.shape[0]), (0, 0)))
+  return jnp.any(keep.reshape(tiles, group, keep.shape[1]), axis=1)
+
+
+def _backward_spec(spec):
+  """The spec whose block_n is the tile-skipping backward's token tile (`PallasGpuConfig.grad_block_n`)."""
+  return dataclasses.replace(spec, config=dataclasses.replace(spec.config, block_n=spec.config.grad_block_n))
+
+
 def _keep_from_tile_values(tval, lse, reference, bn, bv, v):
   """The low-memory keep mask [N tiles, V tiles] bool from the Triton forward's tile values (the largest
   s - ref per tile): s - lse_r <= value + max over the tile's rows of (ref - lse)."""
@@ -360,8 +376,12 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=True):
   mean = jnp.sum(w * scale, axis=0) / l_sum if spec.stats.with_mean else jnp.zeros_like(lse)
   out = (lse, jnp.sum(st, axis=0), jnp.sum(ssum, axis=0), mean)
   if reference is not None:
-    keep = _keep_from_codes if mosaic else _keep_from_tile_values
-    rmax = keep(rmax, lse, reference, spec.config.block_n, spec.config.block_v, c_VD.shape[0])
+    cfg = spec.config
+    if mosaic:
+      rmax = _keep_from_codes(rmax, lse, reference, cfg.grad_block_n, cfg.block_v, c_VD.shape[0])
+    else:
+      rmax = _keep_from_tile_values(rmax, lse, reference, cfg.block_n, cfg.block_v, c_VD.shape[0])
+      rmax = _regrid_rows(rmax, cfg.block_n, cfg.grad_block_n, lse.shape[0])
   return out, (e_ND, c_VD, bias_V, targets_N, lse, mean, rmax)
 
 
@@ -434,6 +454,8 @@ def _tile_skipping(spec) -> bool:
 def _stats_bwd(spec, residuals, cotangents):
   if not _tile_skipping(spec):
     return _dense_bwd(spec, residuals, cotangents)
+  dense = lambda: _dense_bwd(spec, residuals, cotangents)
+  spec = _backward_spec(spec)
   c_VD, targets_N, lse, rmax = residuals[1], residuals[3], residuals[4], residuals[6]
   row_cotangents, inv_r = xla_chunked.backward_cotangents(spec.stats, residuals, cotangents)
   if spec.config.low_memory:
@@ -444,8 +466,7 @@ def _stats_bwd(spec, residuals, cotangents):
   threshold = spec.config.dense_backward_above
   if threshold >= 1.0:
     return sparse()
-  return lax.cond(jnp.mean(keep.astype(jnp.float32)) > threshold, lambda: _dense_bwd(spec, residuals, cotangents),
-                  sparse)
+  return lax.cond(jnp.mean(keep.astype(jnp.float32)) > threshold, dense, sparse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

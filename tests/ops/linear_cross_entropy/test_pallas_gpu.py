@@ -45,7 +45,8 @@ def test_filtered_backward_paths(threshold, expect):
   runtime choice follows the fraction of tiles the bound keeps (here between 0.02 and 0.9)."""
   e, c, targets, _ = helpers.make_inputs(40, (96,), 128, 1000, regime="peaked")
   e, c = (e + 2.0 * c[targets]).astype(jnp.bfloat16), c.astype(jnp.bfloat16)  # most tiles fall below eps
-  cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=2, dense_backward_above=threshold)
+  cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=2, dense_backward_above=threshold,
+                        grad_block_n=16)
   loss = lambda impl, **kw: lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, implementation=impl, **kw)
   grads = jax.grad(loss("pallas_gpu", config=cfg, interpret=True), argnums=(0, 1))(e, c)
   full = jax.grad(loss("reference"), argnums=(0, 1))(e.astype(jnp.float32), c.astype(jnp.float32))

@@ -18,7 +18,8 @@ from cce_jax.ops.linear_cross_entropy import swept_backward
 from tests.ops.linear_cross_entropy import helpers
 
 # Tiles that divide none of the shapes below; dense_backward_above=1: the default mode always skips tiles too.
-CFG = PallasGpuConfig(block_n=16, block_v=32, block_d=16, grad_block_d=16, num_splits=2, dense_backward_above=1.0)
+CFG = PallasGpuConfig(block_n=16, block_v=32, block_d=16, grad_block_d=16, grad_block_n=16, num_splits=2,
+                      dense_backward_above=1.0)
 
 
 def _grads(e, c, targets, bias, config, interpret=True, **kw):
@@ -46,6 +47,34 @@ def test_low_memory_gives_the_tile_skipping_gradients(buffer_tiles, filter_eps):
     f = lambda e, c, b: cce_jax.linear_cross_entropy(e, c, targets, bias=b, softcap=5.0, implementation="reference")
     for a, r in zip(got[1], jax.grad(f, argnums=(0, 1, 2))(e, c, bias)):
       assert helpers.rel_err(a, r) < 1e-5
+
+
+@pytest.mark.parametrize("block_n,grad_block_n", [(16, 32), (32, 16)])
+def test_backward_token_tile_differs_from_the_forward(block_n, grad_block_n):
+  """The backward's token tile (grad_block_n) coarser or finer than the forward's (the Triton forward's tile
+  values are regridded): the same gradients as the default mode, and with nothing filtered the full ones."""
+  e, c, targets, bias = helpers.make_inputs(54, (75,), 40, 500, bias=True, regime="peaked", ignore_frac=0.1)
+  cfg = dataclasses.replace(CFG, block_n=block_n, grad_block_n=grad_block_n)
+  low = dataclasses.replace(cfg, low_memory=True, backward_buffer_bytes=5 * 16 * 32 * 4)
+  for eps in ("auto", 1e-30):
+    want = _grads(e, c, targets, bias, dataclasses.replace(CFG, grad_block_n=block_n), softcap=5.0, filter_eps=eps)
+    for config in (cfg, low):
+      got = _grads(e, c, targets, bias, config, softcap=5.0, filter_eps=eps)
+      np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+      for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_regrid_rows():
+  """A token-tile keep mask on finer or coarser tiles: kept wherever an old tile sharing a row is."""
+  rng = np.random.default_rng(1)
+  n = 100
+  keep = rng.uniform(size=(7, 5)) < 0.3  # 16-row tiles
+  rows = np.repeat(keep, 16, axis=0)[:n]  # per row
+  for new in (4, 8, 16, 32, 64, 128):
+    tiles = -(-n // new)
+    want = np.pad(rows, ((0, tiles * new - n), (0, 0))).reshape(tiles, new, 5).any(axis=1)
+    np.testing.assert_array_equal(np.asarray(pallas_gpu._regrid_rows(jnp.asarray(keep), 16, new, n)), want)
 
 
 def test_low_memory_is_deterministic_and_skips_tiles():
@@ -148,6 +177,13 @@ def test_config_rejects_bad_low_memory():
     PallasGpuConfig(low_memory=1)
 
 
+@pytest.mark.parametrize("bad", [0, 48, True, 16.0, None])
+def test_config_grad_block_n(bad):
+  with pytest.raises(ValueError, match="grad_block_n"):
+    PallasGpuConfig(grad_block_n=bad)
+  assert PallasGpuConfig(low_memory=True).clamped(20, 100, 8).grad_block_n == 16
+
+
 # ---- compiled on a GPU -------------------------------------------------------------------------------------------
 
 needs_hopper = pytest.mark.skipif(not helpers.has_hopper(), reason="needs an sm_90 GPU")
@@ -162,7 +198,7 @@ def test_mosaic_keep_mask_bounds_the_needed_tiles(n, v, splits, block_n, block_v
   e, c, targets, _ = helpers.make_inputs(53, (n,), 64, v, regime="peaked", ignore_frac=0.2)
   e, c = e.astype(jnp.bfloat16), c.astype(jnp.bfloat16)
   cfg = PallasGpuConfig(block_n=block_n, block_v=block_v, num_splits=splits, forward_kernel="mosaic",
-                        low_memory=True)
+                        low_memory=True, grad_block_n=block_n)
   keep = _keep_base(e, c, targets, 30.0, cfg, interpret=False)
   need = _needed_tiles(e, c, targets, 30.0, block_n, block_v)
   assert keep.shape == need.shape
@@ -198,6 +234,7 @@ def test_compiled_low_memory_matches_the_default(regime, softcap):
   n, d, v = 2048, 512, 32000
   e, c, targets = benchmark.make_inputs(n, d, v, jnp.bfloat16, regime)
   cfg = PallasGpuConfig.for_shape(n, v, d, softcap=softcap, filtered=True)
+  assert cfg.grad_block_n == 32  # both modes skip the same tiles up to their bounds
   want = helpers.pallas_value_and_grad(e, c, targets, softcap, dataclasses.replace(cfg, dense_backward_above=1.0))
   low = dataclasses.replace(cfg, low_memory=True, backward_buffer_bytes=64 * 128 * 128 * 2)
   got = helpers.pallas_value_and_grad(e, c, targets, softcap, low)

@@ -71,21 +71,25 @@ class PallasGpuConfig:
       (fp32: 2^26 is 256 MiB; H100 sweep: gemma2_2b 95.8 ms at 2048 / 2^23, 81.0 at 8192 / 2^26).
     backward_buffer_bytes: the tile-skipping backward's dZ buffer (kept tiles in the compute dtype); more kept
       tiles than it holds run in several passes. None: 2^27 bytes, or 2^23 with low_memory (`buffer_bytes`).
-    low_memory: the filtered backward (filter_eps set, exact=False) holds ~12 MiB of temporaries instead of
-      ~300: the forward codes each row's largest logit per tile against an estimate of the row's LSE from a
+    low_memory: the filtered backward (filter_eps set, exact=False) holds ~12 MiB of temporaries:
+      the forward codes each row's largest logit per tile against an estimate of the row's LSE from a
       vocabulary sample (`lse_estimate`; a 2-bit code per row and tile from the Mosaic forward, one value per
-      tile from Triton's) and turns that into the keep mask at once (nearly as tight as the default's per-row
-      maxima, the same gradients); the kept tiles run in two sweeps over the dZ buffer, dC then dE, each
-      gradient written once from fp32 sums (`swept_backward`: no fp32 dE, no dense fallback, every kept tile's
-      dZ computed twice). Deterministic. Slower than the default, and slow when most tiles are kept (H200 loss
-      + gradient, peaked / random: gemma2_2b 30.0 / 38.2 ms vs 23.0 / 24.7 at 11.4 vs 310 MiB; llama3_8b_4k
-      16.5 / 56.2 vs 12.1 / 25.7 at 12.3 vs 340 MiB).
-      Exact mode and filter_eps=None keep the dense backward.
+      tile from Triton's) and turns that into the keep mask at once; the kept tiles run in two sweeps over the
+      dZ buffer, dC then dE, each gradient written once from fp32 sums (`swept_backward`: no fp32 dE, no dense
+      fallback, every kept tile's dZ computed twice). Deterministic. False: the faster tile-skipping backward
+      of `compact_backward` (one dZ per kept tile, a 128 MiB buffer, an fp32 dE) with a dense fallback when most
+      tiles are kept, ~300 MiB of temporaries at gemma2_2b (H200 loss + gradient, peaked / random: gemma2_2b
+      21.8 / 24.9 ms with low_memory at 12.6 MiB vs 18.1 / 19.3 without at 311 MiB; llama3_8b_4k 12.8 / 42.1 at
+      10.1 MiB vs 10.0 / 19.8 at 341 MiB). Exact mode and filter_eps=None keep the dense backward.
+      None (default): True where the compiled Mosaic forward runs (`forward_kernel`: Hopper, bf16 e and c, no bias),
+      whose per-row codes make the keep mask nearly as tight as the per-row maxima; else False: the Triton
+      forward's one value per [block_n, block_v] tile keeps many more tiles (H200 gemma2_2b peaked 45.2 ms,
+      llama3_8b_4k random 136.3 ms with low_memory through the Triton forward).
     grad_block_d: the hidden-size block of each gradient program of the tile-skipping backward (power of 2).
     grad_block_n: the token tile of the tile-skipping backward and its keep mask (power of 2, >= 16 on a GPU).
       Smaller tiles skip more: on peaked inputs a kept tile is mostly there for one row's target, so the kept
-      work scales with grad_block_n (H200 loss + gradient, gemma2_2b peaked: default 22.8 / 19.2 / 18.1 ms at
-      128 / 64 / 32; low_memory 29.6 / 23.7 / 21.8 / 21.5 ms at 128 / 64 / 32 / 16, the last at 18 MiB).
+      work scales with grad_block_n (H200 loss + gradient, gemma2_2b peaked: low_memory=False 22.8 / 19.2 / 18.1
+      ms at 128 / 64 / 32; low_memory 29.6 / 23.7 / 21.8 / 21.5 ms at 128 / 64 / 32 / 16, the last at 18 MiB).
     sort_vocabulary: with gradient filtering, reorder the vocabulary by decreasing mean logit over the batch
       before the kernels, so that the entries with non-negligible softmax share logit tiles and fewer tiles are
       kept (CCE §4.3). Costs a permuted copy of c (V × D) and a scatter of dC; helps on real, Zipf-like
@@ -123,7 +127,7 @@ class PallasGpuConfig:
   forward_kernel: str = "auto"
   dense_backward_kernel: str = "auto"
   approx_math: bool = True
-  low_memory: bool = False
+  low_memory: bool | None = None
 
   def __post_init__(self):
     for name in ("block_n", "block_v", "block_d", "grad_block_d", "grad_block_n"):
@@ -144,8 +148,8 @@ class PallasGpuConfig:
         or self.backward_buffer_bytes < 1):
       raise ValueError("PallasGpuConfig.backward_buffer_bytes must be a positive int or None, got "
                        f"{self.backward_buffer_bytes!r}")
-    if not isinstance(self.low_memory, bool):
-      raise ValueError(f"PallasGpuConfig.low_memory must be a bool, got {self.low_memory!r}")
+    if self.low_memory is not None and not isinstance(self.low_memory, bool):
+      raise ValueError(f"PallasGpuConfig.low_memory must be a bool or None, got {self.low_memory!r}")
     if not isinstance(self.sort_vocabulary, bool):
       raise ValueError(f"PallasGpuConfig.sort_vocabulary must be a bool, got {self.sort_vocabulary!r}")
     if self.forward_kernel not in ("auto", "triton", "mosaic"):

@@ -12,21 +12,26 @@ input conditions hold (`PallasGpuConfig.forward_kernel`).
 
 Backward. Without filtering (`filter_eps=None`) and with `exact=True` it is the dense blockwise backward: per
 block of logits, dZ (on Hopper from the Mosaic GPU kernel of `mosaic_dlogits`, else from XLA), then dense
-GEMMs for dE and dC; no atomics, deterministic. With filtering the forward also writes each row's largest
-logit in each vocabulary tile ([N, V tiles], bf16 rounded up), which bounds every softmax entry of a tile by
-exp(row max - LSE of the row); the backward turns that into a keep mask over the [N tiles, V tiles] logit tiles
-(tiles holding a live row's target always kept) and
+GEMMs for dE and dC; no atomics, deterministic. With filtering the backward skips the logit tiles of
+`grad_block_n` tokens × `block_v` entries whose softmax entries all fall below filter_eps (a live row's target
+tile is always kept), from a keep mask that the forward prepares in one of two ways.
+
+`PallasGpuConfig.low_memory` (by default where the Mosaic forward runs): the forward codes each row's largest
+logit per tile against ref, an estimate of the row's LSE a little below it, computed ahead in XLA from a sample
+of the vocabulary (`lse_estimate`): d = row max - ref - log(filter_eps), and p >= filter_eps needs
+d >= lse - ref (mostly in [0, 0.5)). The Mosaic forward writes d as a 2-bit code per row and 128-wide tile
+(`mosaic_forward.CODE_LEVELS`; 2 MiB per 2^23 row-tiles), the Triton forward the largest d per tile; the forward
+turns either into the keep mask right away, and the backward is `swept_backward`'s: no fp32 dE, no dense
+fallback, a small dZ buffer.
+
+Otherwise the forward writes each row's largest logit in each vocabulary tile ([N, V tiles], bf16 rounded up),
+which bounds every softmax entry of a tile by exp(row max - LSE of the row); the backward turns that into the
+keep mask and
 - when at most `dense_backward_above` of the tiles are kept, runs `compact_backward` over the kept tiles only:
   their dZ into a buffer, then dE per token tile and dC per vocabulary tile from it (no atomics, deterministic);
 - otherwise runs the dense backward, faster when most tiles are kept (on Hopper dZ of every tile from
   `mosaic_dlogits`, each row of a tile zeroed where it is below filter_eps; else the XLA backward with the
   filter per dense block). The choice is made on the device (`lax.cond`).
-With `PallasGpuConfig.low_memory` the forward codes each row's largest logit per tile against ref, an estimate
-of the row's LSE a little below it, computed ahead in XLA from a sample of the vocabulary (`lse_estimate`):
-d = row max - ref - log(filter_eps), and p >= filter_eps needs d >= lse - ref (mostly in [0, 0.5)). The Mosaic
-forward writes d as a 2-bit code per row and 128-wide tile (`mosaic_forward.CODE_LEVELS`; 2 MiB per 2^23
-row-tiles), the Triton forward the largest d per tile; the forward turns either into the keep mask right away,
-and the backward is `swept_backward`'s: no fp32 dE, no dense fallback, a small dZ buffer.
 
 Triton needs power-of-2 block shapes; the dimensions need not be multiples of them: a block that would run past
 the end of an array is moved back to end at the edge and its already-covered rows/columns are masked, so no
@@ -62,7 +67,8 @@ from cce_jax.ops.linear_cross_entropy.stats_losses import LogitStats
 def cross_entropy_per_token(e_ND, c_VD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
                             filter_eps, exact, config, interpret=False):
   """Per-token loss [N] (0 where not valid_N) and LSE [N], fp32, by the Pallas kernels."""
-  spec = _spec(softcap, 1.0, bool(label_smoothing), False, config, exact, filter_eps, interpret)
+  spec = _with_memory_mode(_spec(softcap, 1.0, bool(label_smoothing), False, config, exact, filter_eps, interpret),
+                           e_ND, c_VD, bias_V)
   if config.sort_vocabulary and _tile_skipping(spec):
     c_VD, bias_V, targets_N = _sorted_vocabulary(e_ND, c_VD, bias_V, targets_N, valid_N)
   stats = LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N))
@@ -92,7 +98,8 @@ def _sorted_vocabulary(e_ND, c_VD, bias_V, targets_N, valid_N):
 
 def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, exact, config, interpret=False):
   """log p(target) [N] and entropy [N] of softmax(logits / temperature), fp32, by the Pallas kernels."""
-  spec = _spec(softcap, 1.0 / temperature, False, True, config, exact, None, interpret)
+  spec = _with_memory_mode(_spec(softcap, 1.0 / temperature, False, True, config, exact, None, interpret),
+                           e_ND, c_VD, bias_V)
   return stats_losses.logprobs(LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N)))
 
 
@@ -243,6 +250,16 @@ def _mosaic_forward(spec, e_ND, c_VD, bias_V) -> bool:
   row_max_block_v = spec.config.block_v if _tile_skipping(spec) else None
   return _use_mosaic(spec, "forward_kernel", "triton",
                      mosaic_forward.unsupported_reason(e_ND, c_VD, bias_V, row_max_block_v))
+
+
+def _with_memory_mode(spec, e_ND, c_VD, bias_V):
+  """spec with `PallasGpuConfig.low_memory` None resolved: True where the compiled Mosaic forward runs (its per-row
+  codes bound tightly), else False (in the interpreter too: the GPU interpreter can stall on the codes with few
+  CPU cores)."""
+  if spec.config.low_memory is not None:
+    return spec
+  low = not spec.interpret and _mosaic_forward(spec, e_ND, c_VD, bias_V)
+  return dataclasses.replace(spec, config=dataclasses.replace(spec.config, low_memory=low))
 
 
 def _mosaic_dlogits(spec, e_ND, c_VD, bias_V) -> bool:

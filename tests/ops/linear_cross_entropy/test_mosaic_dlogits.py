@@ -54,7 +54,8 @@ def test_op_with_the_mosaic_backward(options):
   e, c, targets, _ = helpers.make_inputs(8, (61,), 64, 997)
   e, c = e.astype(jnp.bfloat16), c.astype(jnp.bfloat16)
   targets = targets.at[2].set(-100)
-  cfg = PallasGpuConfig(dense_backward_kernel="mosaic", dense_block_v=256, dense_block_elements=256 * 24)
+  cfg = PallasGpuConfig(dense_backward_kernel="mosaic", dense_block_v=256, dense_block_elements=256 * 24,
+                        low_memory=False)
   f = lambda impl, **kw: lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, implementation=impl, **options,
                                                                    **kw)
   got = jax.grad(f("pallas_gpu", config=cfg, interpret=True), argnums=(0, 1))(e, c)
@@ -67,7 +68,7 @@ def test_op_with_the_mosaic_backward(options):
 def test_forced_mosaic_backward_rejects_a_bias():
   e, c, targets, bias = helpers.make_inputs(9, (16,), 64, 264, bias=True)
   e, c, bias = (x.astype(jnp.bfloat16) for x in (e, c, bias))
-  cfg = PallasGpuConfig(dense_backward_kernel="mosaic")
+  cfg = PallasGpuConfig(dense_backward_kernel="mosaic", low_memory=False)
   loss = lambda e: cce_jax.linear_cross_entropy(e, c, targets, bias=bias, exact=True, implementation="pallas_gpu",
                                                 config=cfg, interpret=True)
   with pytest.raises(ValueError, match="bias"):
@@ -82,7 +83,8 @@ needs_hopper = pytest.mark.skipif(not helpers.has_hopper(), reason="needs an sm_
 
 
 def _grads(e, c, targets, softcap, kernel, **kw):
-  return helpers.pallas_value_and_grad(e, c, targets, softcap, PallasGpuConfig(dense_backward_kernel=kernel), **kw)
+  cfg = PallasGpuConfig(dense_backward_kernel=kernel, low_memory=False)
+  return helpers.pallas_value_and_grad(e, c, targets, softcap, cfg, **kw)
 
 
 @pytest.mark.gpu
@@ -118,7 +120,8 @@ def test_filtered_mode_dense_fallback_filters_each_row_of_a_tile(eps):
   below filter_eps: every gradient at 2.0, the unfiltered gradient at 1e-30, the segment-filtered one between."""
   e, c, targets, _ = helpers.make_inputs(10, (40,), 64, 1000, regime="peaked")
   e, c = e.astype(jnp.bfloat16), c.astype(jnp.bfloat16)
-  cfg = PallasGpuConfig(dense_backward_above=0.0, dense_backward_kernel="mosaic", dense_block_v=256)
+  cfg = PallasGpuConfig(dense_backward_above=0.0, dense_backward_kernel="mosaic", dense_block_v=256,
+                        low_memory=False)
   f = lambda **kw: lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, implementation="pallas_gpu", config=cfg,
                                                              interpret=True, **kw)
   got = jax.grad(f(filter_eps=eps), argnums=(0, 1))(e, c)

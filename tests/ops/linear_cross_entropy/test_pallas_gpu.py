@@ -23,7 +23,8 @@ class TestPallasGpuInterpret(LinearCrossEntropyTestBase):
 
   implementation = "pallas_gpu"
   # dense_backward_above=1: the filtered backward always takes the tile-skipping kernel (the dense one is XLA's).
-  extra = {"config": PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=3, dense_backward_above=1.0),
+  extra = {"config": PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=3, dense_backward_above=1.0,
+                                     low_memory=False),
            "interpret": True}
 
 
@@ -46,7 +47,7 @@ def test_filtered_backward_paths(threshold, expect):
   e, c, targets, _ = helpers.make_inputs(40, (96,), 128, 1000, regime="peaked")
   e, c = (e + 2.0 * c[targets]).astype(jnp.bfloat16), c.astype(jnp.bfloat16)  # most tiles fall below eps
   cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=2, dense_backward_above=threshold,
-                        grad_block_n=16)
+                        low_memory=False, grad_block_n=16)
   loss = lambda impl, **kw: lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, implementation=impl, **kw)
   grads = jax.grad(loss("pallas_gpu", config=cfg, interpret=True), argnums=(0, 1))(e, c)
   full = jax.grad(loss("reference"), argnums=(0, 1))(e.astype(jnp.float32), c.astype(jnp.float32))
@@ -63,8 +64,9 @@ def test_tile_keep_mask_bounds_the_kernel_test():
   e, c, targets, _ = helpers.make_inputs(41, (200,), 128, 2000, regime="peaked")
   e = e + 2.0 * c[targets]  # more confident still: most tiles fall below eps
   targets = targets.at[5].set(-100)
-  cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=3)  # 11 tiles per split: row maxima
-  eps = 2.0 ** -12                                                          # stored in groups across splits
+  # 11 tiles per split: row maxima stored in groups across splits
+  cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=3, low_memory=False)
+  eps = 2.0 ** -12
   spec = pallas_gpu._spec(None, 1.0, False, False, cfg, False, eps, True)
   (lse, *_), residuals = pallas_gpu._stats_fwd(spec, e, c, None, targets)
   valid = targets != -100
@@ -88,7 +90,8 @@ def test_tile_skipping_backward_in_several_passes(filter_eps):
   """A dZ buffer of a few tiles: the kept tiles run in several passes (whole vocabulary tiles per pass) and give
   the single-pass gradients, bias included."""
   e, c, targets, bias = helpers.make_inputs(42, (70,), 40, 700, bias=True, regime="peaked")
-  cfg = PallasGpuConfig(block_n=16, block_v=32, block_d=16, grad_block_d=16, num_splits=2, dense_backward_above=1.0)
+  cfg = PallasGpuConfig(block_n=16, block_v=32, block_d=16, grad_block_d=16, num_splits=2, dense_backward_above=1.0,
+                        low_memory=False)
   small = dataclasses.replace(cfg, backward_buffer_bytes=16 * 32 * 4 * 7)
   n_tiles, v_tiles = 5, 22
   assert compact_backward.capacity(small, n_tiles, v_tiles, 4) == 7 < n_tiles * v_tiles
@@ -111,7 +114,8 @@ def test_tile_skipping_backward_in_several_passes(filter_eps):
 @pytest.mark.parametrize("filter_eps", [1e-30, "auto"])
 def test_sorted_vocabulary_keeps_loss_and_gradients(filter_eps):
   e, c, targets, bias = helpers.make_inputs(43, (60,), 32, 500, bias=True, regime="peaked", ignore_frac=0.1)
-  cfg = PallasGpuConfig(block_n=16, block_v=32, block_d=16, grad_block_d=16, num_splits=2, dense_backward_above=1.0)
+  cfg = PallasGpuConfig(block_n=16, block_v=32, block_d=16, grad_block_d=16, num_splits=2, dense_backward_above=1.0,
+                        low_memory=False)
 
   def run(impl, **kw):
     f = lambda e, c, b: cce_jax.linear_cross_entropy(e, c, targets, bias=b, softcap=5.0, implementation=impl, **kw)
@@ -139,7 +143,7 @@ def test_sorted_vocabulary_clusters_the_kept_tiles():
   targets = jnp.zeros((n,), jnp.int32)  # a frequent entry's tile is kept either way
   targets = targets + jnp.argmax(frequent)
   valid = jnp.ones((n,), bool)
-  cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=2)
+  cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=2, low_memory=False)
   spec = pallas_gpu._spec(None, 1.0, False, False, cfg, False, 2.0 ** -12, True)
 
   def kept(c, targets):
@@ -214,7 +218,8 @@ class TestPallasGpuCompiledTileSkipping(LinearCrossEntropyTestBase):
   """Compiled, with the filtered backward always in the tile-skipping kernel (never the dense fallback)."""
 
   implementation = "auto"
-  extra = {"config": PallasGpuConfig(block_n=16, block_v=32, block_d=16, num_splits=3, dense_backward_above=1.0)}
+  extra = {"config": PallasGpuConfig(block_n=16, block_v=32, block_d=16, num_splits=3, dense_backward_above=1.0,
+                                     low_memory=False)}
 
 
 def test_default_config_heuristic():

@@ -19,7 +19,7 @@ from tests.ops.linear_cross_entropy import helpers
 
 # Tiles that divide none of the shapes below; dense_backward_above=1: the default mode always skips tiles too.
 CFG = PallasGpuConfig(block_n=16, block_v=32, block_d=16, grad_block_d=16, grad_block_n=16, num_splits=2,
-                      dense_backward_above=1.0)
+                      dense_backward_above=1.0, low_memory=False)
 
 
 def _grads(e, c, targets, bias, config, interpret=True, **kw):
@@ -184,6 +184,14 @@ def test_config_grad_block_n(bad):
   assert PallasGpuConfig(low_memory=True).clamped(20, 100, 8).grad_block_n == 16
 
 
+def test_low_memory_none_follows_the_forward_kernel():
+  """low_memory=None: True only where the Mosaic forward runs (never in the interpreter); set values stay."""
+  e, c, targets, _ = helpers.make_inputs(55, (40,), 32, 300)
+  for set_to, want in ((None, False), (True, True), (False, False)):
+    spec = pallas_gpu._spec(None, 1.0, False, False, PallasGpuConfig(low_memory=set_to), False, 2.0 ** -12, True)
+    assert pallas_gpu._with_memory_mode(spec, e, c, None).config.low_memory is want
+
+
 # ---- compiled on a GPU -------------------------------------------------------------------------------------------
 
 needs_hopper = pytest.mark.skipif(not helpers.has_hopper(), reason="needs an sm_90 GPU")
@@ -211,7 +219,7 @@ def test_mosaic_keep_mask_bounds_the_needed_tiles(n, v, splits, block_n, block_v
 def test_low_memory_through_the_mosaic_forward():
   e, c, targets, _ = helpers.make_inputs(54, (90,), 64, 1000, regime="peaked")
   e, c = e.astype(jnp.bfloat16), c.astype(jnp.bfloat16)
-  cfg = PallasGpuConfig(block_n=64, block_v=128, forward_kernel="mosaic")
+  cfg = PallasGpuConfig(block_n=64, block_v=128, forward_kernel="mosaic", low_memory=False)
   want = _grads(e, c, targets, None, dataclasses.replace(cfg, dense_backward_above=1.0), softcap=30.0,
                 interpret=False)
   got = _grads(e, c, targets, None, dataclasses.replace(cfg, low_memory=True), softcap=30.0,
@@ -243,3 +251,29 @@ def test_compiled_low_memory_matches_the_default(regime, softcap):
   for a, b, r in zip(got[1], again[1], want[1]):
     np.testing.assert_array_equal(a, b)
     assert helpers.rel_err(a, r) < 2e-3
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("shape", ["gemma2_2b", "llama3_8b_4k"])
+def test_default_loss_and_gradient_temporaries_under_16_mib(shape):
+  """The default config's compiled loss + gradient at the benchmark shapes: at most 16 MiB of temporaries beyond
+  its inputs and the gradients (naive XLA: 3-20 GB)."""
+  from cce_jax.ops.linear_cross_entropy import benchmark
+  n, d, v, softcap = benchmark.SHAPES[shape]
+  f = lambda e, c, t: cce_jax.linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu")
+  args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((v, d), jnp.bfloat16),
+          jax.ShapeDtypeStruct((n,), jnp.int32))
+  compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*args).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes <= 16 * 2**20
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_low_memory_none_on_hopper():
+  """On Hopper, low_memory=None takes the low-memory path where the Mosaic forward runs (bf16, no bias), else not."""
+  e, c, targets, bias = helpers.make_inputs(56, (64,), 64, 1000, jnp.bfloat16, bias=True)
+  spec = pallas_gpu._spec(None, 1.0, False, False, PallasGpuConfig(), False, 2.0 ** -12, False)
+  assert pallas_gpu._with_memory_mode(spec, e, c, None).config.low_memory is True
+  assert pallas_gpu._with_memory_mode(spec, e, c, bias).config.low_memory is False
+  assert pallas_gpu._with_memory_mode(spec, e.astype(jnp.float32), c, None).config.low_memory is False

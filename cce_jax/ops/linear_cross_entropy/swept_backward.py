@@ -34,11 +34,6 @@ from cce_jax.ops.linear_cross_entropy import xla_chunked
 _block_start = xla_chunked.block_start
 # Window information, int32: the fields that the tile kernel reads (start, length) sit where it reads them.
 _FIRST_CONTINUES, _LAST_CONTINUES, _START, _LENGTH, _RUNS = range(5)
-# The D block of each sweep's gradient programs (True: dC, False: dE); None: `grad_block_d`. A token tile's run
-# spans all its kept tiles, so a window of the dE sweep holds few runs: narrower D blocks make more programs (H200
-# loss + gradient, peaked, dE block 128 / 64 / 32: gemma2_2b 72.1 / 65.7 / 63.7 ms, llama3_8b_4k 24.9 / 23.2 /
-# 22.8).
-_SEG_BLOCK_D = {True: None, False: 32}
 
 
 def _seg_kernel(*refs, for_dc, n, v, d, bn, bv, bq, n_tiles, v_tiles, precision, has_bias):
@@ -120,7 +115,10 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
   v = c_VD.shape[0]
   cfg = spec.config
   bn, bv = cfg.block_n, cfg.block_v
-  bq = min(_SEG_BLOCK_D.get(for_dc) or cfg.grad_block_d, 1 << (d.bit_length() - 1))
+  # grad_block_d for both sweeps. (At 128-token tiles a dE window held few runs, and D blocks of 32 made more
+  # programs; at 32-token tiles 128 is faster: H200 dE sweep gemma2_2b / llama3_8b_4k peaked 3.20 / 2.53 ms at
+  # 128 vs 3.89 / 3.18 at 32.)
+  bq = min(cfg.grad_block_d, 1 << (d.bit_length() - 1))
   n_tiles, v_tiles = keep.shape
   has_bias = for_dc and bias_V is not None
   compute = jnp.result_type(e_ND.dtype, c_VD.dtype)

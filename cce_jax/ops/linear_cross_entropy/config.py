@@ -45,7 +45,8 @@ class XlaChunkedConfig:
     return XlaChunkedConfig(block_n=min(self.block_n, max(n, 1)), block_v=min(self.block_v, v))
 
 
-def _pow2_floor(x: int) -> int:
+def pow2_floor(x: int) -> int:
+  """The largest power of 2 <= x (1 for x < 2)."""
   return 1 << (max(int(x), 1).bit_length() - 1)
 
 
@@ -179,8 +180,8 @@ class PallasGpuConfig:
   def clamped(self, n: int, v: int, d: int) -> "PallasGpuConfig":
     """Each block no larger than the largest power of 2 within its dimension."""
     return dataclasses.replace(
-        self, block_n=min(self.block_n, _pow2_floor(n)), block_v=min(self.block_v, _pow2_floor(v)),
-        block_d=min(self.block_d, _pow2_floor(d)), grad_block_n=min(self.grad_block_n, _pow2_floor(n)))
+        self, block_n=min(self.block_n, pow2_floor(n)), block_v=min(self.block_v, pow2_floor(v)),
+        block_d=min(self.block_d, pow2_floor(d)), grad_block_n=min(self.grad_block_n, pow2_floor(n)))
 
   @property
   def buffer_bytes(self) -> int:

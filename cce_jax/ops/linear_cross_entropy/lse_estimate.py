@@ -17,11 +17,11 @@ loss's.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from cce_jax.ops.linear_cross_entropy import xla_chunked
+from cce_jax.ops.linear_cross_entropy.config import pow2_floor
 
 # Sample columns and rows per step such that the gathered [samples, D] classifier rows and one step's [rows, D]
 # hidden rows stay within 4 MiB each (bf16), and the [rows, samples] fp32 logits within 4 MiB. 512 samples at
@@ -31,15 +31,11 @@ MAX_SAMPLES = 1024
 Z = 3.0
 
 
-def _pow2_floor(x: int) -> int:
-  return 1 << max(0, int(x).bit_length() - 1)
-
-
 def sizes(n: int, v: int, d: int) -> tuple[int, int]:
   """(samples, rows per step) for an [n, d] x [v, d] problem."""
-  samples = max(1, min(MAX_SAMPLES, v, _pow2_floor(_ELEMENTS // max(d, 1))))
-  rows = max(8, min(_pow2_floor(_ELEMENTS // max(d, 1)), _pow2_floor(_ELEMENTS // 2 // samples)))
-  return samples, min(rows, max(8, _pow2_floor(n)))
+  samples = max(1, min(MAX_SAMPLES, v, pow2_floor(_ELEMENTS // max(d, 1))))
+  rows = max(8, min(pow2_floor(_ELEMENTS // max(d, 1)), pow2_floor(_ELEMENTS // 2 // samples)))
+  return samples, min(rows, max(8, pow2_floor(n)))
 
 
 def target_logits(stats, e_ND, c_VD, bias_V, targets_N):

@@ -63,17 +63,19 @@ def tile_dz(e_ref, c_ref, b_ref, row_refs, i, j, *, spec, n, v, d):
   return ds * dsdz
 
 
-def dz_kernel(*refs, spec, n, v, d, n_tiles, has_bias, v_tiles=None, dbias=True):
+def dz_kernel(*refs, spec, n, v, d, n_tiles, has_bias, v_tiles=None, dbias=True, permuted=False):
   """Program k writes the dZ of list entry pass_ref[2] + k (if below pass_ref[3]) to slot k of the buffer (and,
   with a bias and `dbias`, its column sums); an entry is j * n_tiles + i (column-major), or i * v_tiles + j
-  (row-major) when v_tiles is given."""
+  (row-major) when v_tiles is given. `permuted`: an extra input after pass_ref, [cap] int32, gives program k
+  slot perm[k] instead (the order in which the GPU meets the tiles, not where they go)."""
   refs = list(refs)
   e_ref, c_ref = refs.pop(0), refs.pop(0)
   b_ref = refs.pop(0) if has_bias else None
-  row_refs, (tiles_ref, pass_ref, dz_ref) = refs[:8], refs[8:11]
-  dbt_ref = refs[11] if has_bias and dbias else None
+  row_refs, (tiles_ref, pass_ref), refs = refs[:8], refs[8:10], refs[10:]
+  k = refs.pop(0)[pl.program_id(0)] if permuted else pl.program_id(0)
+  dz_ref = refs[0]
+  dbt_ref = refs[1] if has_bias and dbias else None
   bn = spec.config.block_n
-  k = pl.program_id(0)
   pos = pass_ref[2] + k
 
   @pl.when(pos < pass_ref[3])
@@ -99,15 +101,15 @@ def _de_kernel(dz_ref, c_ref, slot_j_ref, order_ref, row_ptr_ref, _, de_ref, *, 
   def _():
     d_start, d_first = _block_start(q, bq, d)
 
-    def body(r, acc):
+    def body(r, acc):  # dE.T += c.T @ dZ.T: M = bq, not the token tile (see swept_backward._seg_kernel)
       k = order_ref[r]
       v_start, _ = _block_start(slot_j_ref[k], bv, v)
       dz = dz_ref[pl.ds(k * bn, bn), :]
       c_blk = c_ref[pl.ds(v_start, bv), pl.ds(d_start, bq)].astype(dz.dtype)
-      return acc + lax.dot_general(dz, c_blk, (((1,), (0,)), ((), ())), preferred_element_type=acc.dtype,
+      return acc + lax.dot_general(c_blk, dz, (((0,), (1,)), ((), ())), preferred_element_type=acc.dtype,
                                    precision=precision)
 
-    acc = lax.fori_loop(lo, hi, body, jnp.zeros((bn, bq), de_ref.dtype))
+    acc = lax.fori_loop(lo, hi, body, jnp.zeros((bq, bn), de_ref.dtype)).T
     n_start, n_first = _block_start(i, bn, n)
     mask = (((n_start + jnp.arange(bn)) >= n_first)[:, None]
             & ((d_start + jnp.arange(bq)) >= d_first)[None, :])

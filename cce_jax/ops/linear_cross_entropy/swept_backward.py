@@ -140,12 +140,6 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
   length = jnp.sum(keep != 0, dtype=jnp.int32)
   per_owner = n_tiles if for_dc else v_tiles
   run_lo, info = _windows(tiles // per_owner, length, cap, windows)
-  permuted = not for_dc
-  if permuted:  # the dE list is row-major; its dZ programs run by vocabulary tile, so that the window's token
-    # tiles that keep a vocabulary tile read its c rows together (H200 llama3_8b_4k random dE sweep 20.5 -> 19.0 ms)
-    live = (jnp.arange(windows * cap) < length).reshape(windows, cap)
-    vocab_tile = jnp.where(live, (tiles[:windows * cap] % v_tiles).reshape(windows, cap), v_tiles)
-    perm = jnp.argsort(vocab_tile, axis=1, stable=True).astype(jnp.int32)
   dz_shapes = [jax.ShapeDtypeStruct((cap * bn, bv), compute)]
   if has_bias:
     dz_shapes.append(jax.ShapeDtypeStruct((cap, bv), acc))
@@ -156,12 +150,15 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
     info_w = lax.dynamic_index_in_dim(info, w, keepdims=False)
     run_lo_w = lax.dynamic_index_in_dim(run_lo, w, keepdims=False)
     dz_args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + row_args + [tiles, info_w]
-    if permuted:
-      dz_args.append(lax.dynamic_index_in_dim(perm, w, keepdims=False))
+    if not for_dc:  # the dE list is row-major; its dZ programs run by vocabulary tile, so that the window's token
+      # tiles that keep a vocabulary tile read its c rows together (H200 llama3_8b_4k random dE sweep 20.5 -> 19.0 ms)
+      slots = w * cap + jnp.arange(cap, dtype=jnp.int32)
+      vocab_tile = jnp.where(slots < length, lax.dynamic_slice_in_dim(tiles, w * cap, cap) % v_tiles, v_tiles)
+      dz_args.append(jnp.argsort(vocab_tile, stable=True).astype(jnp.int32))
     dz, *dbt = pl.pallas_call(
         functools.partial(compact_backward.dz_kernel, spec=spec, n=n, v=v, d=d, n_tiles=n_tiles,
                           v_tiles=None if for_dc else v_tiles, has_bias=bias_V is not None, dbias=has_bias,
-                          permuted=permuted),
+                          permuted=not for_dc),
         grid=(cap,), in_specs=[any_spec] * len(dz_args), out_specs=[any_spec] * len(dz_shapes),
         out_shape=dz_shapes, compiler_params=params, interpret=spec.interpret, name="cce_bwd_dz",
     )(*dz_args)

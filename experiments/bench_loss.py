@@ -28,7 +28,7 @@ from cce_jax.ops.linear_cross_entropy.benchmark import median_ms
 from cce_jax.ops.linear_cross_entropy.benchmark import rel_err
 
 JAX_METHODS = ("naive", "xla_chunked", "xla_fused", "xla_fused_exact", "pallas_gpu", "pallas_gpu_sparse",
-               "pallas_gpu_sorted", "pallas_gpu_triton", "pallas_gpu_highmem", "pallas_gpu_full", "pallas_gpu_exact")
+               "pallas_gpu_sorted", "pallas_gpu_triton", "pallas_gpu_lowmem", "pallas_gpu_full", "pallas_gpu_exact")
 METHODS = JAX_METHODS + benchmark_torch.ANCHORS
 
 _SHAPES = flags.DEFINE_list("shapes", ["gemma2_2b"], f"Shapes from {sorted(SHAPES)}.")

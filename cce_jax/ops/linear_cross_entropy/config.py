@@ -72,20 +72,18 @@ class PallasGpuConfig:
       (fp32: 2^26 is 256 MiB; H100 sweep: gemma2_2b 95.8 ms at 2048 / 2^23, 81.0 at 8192 / 2^26).
     backward_buffer_bytes: the tile-skipping backward's dZ buffer (kept tiles in the compute dtype); more kept
       tiles than it holds run in several passes. None: 2^27 bytes, or 2^23 with low_memory (`buffer_bytes`).
-    low_memory: the filtered backward (filter_eps set, exact=False) holds ~12 MiB of temporaries:
-      the forward codes each row's largest logit per tile against an estimate of the row's LSE from a
-      vocabulary sample (`lse_estimate`; a 2-bit code per row and tile from the Mosaic forward, one value per
-      tile from Triton's) and turns that into the keep mask at once; the kept tiles run in two sweeps over the
-      dZ buffer, dC then dE, each gradient written once from fp32 sums (`swept_backward`: no fp32 dE, no dense
-      fallback, every kept tile's dZ computed twice). Deterministic. False: the faster tile-skipping backward
-      of `compact_backward` (one dZ per kept tile, a 128 MiB buffer, an fp32 dE) with a dense fallback when most
-      tiles are kept, ~300 MiB of temporaries at gemma2_2b (H200 loss + gradient, peaked / random: gemma2_2b
-      21.8 / 24.9 ms with low_memory at 12.6 MiB vs 18.1 / 19.3 without at 311 MiB; llama3_8b_4k 12.8 / 42.1 at
-      10.1 MiB vs 10.0 / 19.8 at 341 MiB). Exact mode and filter_eps=None keep the dense backward.
-      None (default): True where the compiled Mosaic forward runs (`forward_kernel`: Hopper, bf16 e and c, no bias),
-      whose per-row codes make the keep mask nearly as tight as the per-row maxima; else False: the Triton
-      forward's one value per [block_n, block_v] tile keeps many more tiles (H200 gemma2_2b peaked 45.2 ms,
-      llama3_8b_4k random 136.3 ms with low_memory through the Triton forward).
+    low_memory: the filtered backward (filter_eps set, exact=False) in ~10-15 MiB of temporaries: the forward
+      codes each row's largest logit per tile against an estimate of the row's LSE from a vocabulary sample
+      (`lse_estimate`; a 2-bit code per row and tile from the Mosaic forward, one value per tile from Triton's)
+      and turns that into the keep mask at once; the kept tiles run in two sweeps over an 8 MiB dZ buffer, dC then
+      dE, each gradient written once from fp32 sums (`swept_backward`: no fp32 dE, no dense fallback, every kept
+      tile's dZ computed twice). Deterministic. Fast where few tiles are kept (peaked softmaxes) and slow where
+      many are (H200 loss + gradient, with / without: gemma2_2b peaked 21.3 / 18.9 ms at 15 / 311 MiB;
+      llama3_8b_4k peaked 12.1 / 10.0, random 37.0 / 19.4; the hidden states of a trained 126M model, V = 32768,
+      N = 16384: 61.3 / 5.7 ms, naive XLA 5.9; BENCHMARKS.md). Through the Triton forward the mask is
+      coarse (gemma2_2b peaked 45.2 ms). False (default): the tile-skipping backward of `compact_backward` (one
+      dZ per kept tile, a 128 MiB buffer, an fp32 dE) with a dense fallback when most tiles are kept, ~250-340
+      MiB of temporaries at the benchmark shapes. Exact mode and filter_eps=None keep the dense backward.
     grad_block_d: the hidden-size block of each gradient program of the tile-skipping backward (power of 2).
     grad_block_n: the token tile of the tile-skipping backward and its keep mask (power of 2, >= 16 on a GPU).
       Smaller tiles skip more: on peaked inputs a kept tile is mostly there for one row's target, so the kept
@@ -128,7 +126,7 @@ class PallasGpuConfig:
   forward_kernel: str = "auto"
   dense_backward_kernel: str = "auto"
   approx_math: bool = True
-  low_memory: bool | None = None
+  low_memory: bool = False
 
   def __post_init__(self):
     for name in ("block_n", "block_v", "block_d", "grad_block_d", "grad_block_n"):
@@ -149,8 +147,8 @@ class PallasGpuConfig:
         or self.backward_buffer_bytes < 1):
       raise ValueError("PallasGpuConfig.backward_buffer_bytes must be a positive int or None, got "
                        f"{self.backward_buffer_bytes!r}")
-    if self.low_memory is not None and not isinstance(self.low_memory, bool):
-      raise ValueError(f"PallasGpuConfig.low_memory must be a bool or None, got {self.low_memory!r}")
+    if not isinstance(self.low_memory, bool):
+      raise ValueError(f"PallasGpuConfig.low_memory must be a bool, got {self.low_memory!r}")
     if not isinstance(self.sort_vocabulary, bool):
       raise ValueError(f"PallasGpuConfig.sort_vocabulary must be a bool, got {self.sort_vocabulary!r}")
     if self.forward_kernel not in ("auto", "triton", "mosaic"):

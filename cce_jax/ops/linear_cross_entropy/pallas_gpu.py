@@ -16,8 +16,8 @@ GEMMs for dE and dC; no atomics, deterministic. With filtering the backward skip
 `grad_block_n` tokens × `block_v` entries whose softmax entries all fall below filter_eps (a live row's target
 tile is always kept), from a keep mask that the forward prepares in one of two ways.
 
-`PallasGpuConfig.low_memory` (by default where the Mosaic forward runs): the forward codes each row's largest
-logit per tile against ref, an estimate of the row's LSE a little below it, computed ahead in XLA from a sample
+`PallasGpuConfig.low_memory` (off by default: slow where most tiles are kept): the forward codes each row's
+largest logit per tile against ref, an estimate of the row's LSE a little below it, computed ahead in XLA from a sample
 of the vocabulary (`lse_estimate`): d = row max - ref - log(filter_eps), and p >= filter_eps needs
 d >= lse - ref (mostly in [0, 0.5)). The Mosaic forward writes d as a 2-bit code per row and 128-wide tile
 (`mosaic_forward.CODE_LEVELS`; 2 MiB per 2^23 row-tiles), the Triton forward the largest d per tile; the forward
@@ -67,8 +67,7 @@ from cce_jax.ops.linear_cross_entropy.stats_losses import LogitStats
 def cross_entropy_per_token(e_ND, c_VD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
                             filter_eps, exact, config, interpret=False):
   """Per-token loss [N] (0 where not valid_N) and LSE [N], fp32, by the Pallas kernels."""
-  spec = _with_memory_mode(_spec(softcap, 1.0, bool(label_smoothing), False, config, exact, filter_eps, interpret),
-                           e_ND, c_VD, bias_V)
+  spec = _spec(softcap, 1.0, bool(label_smoothing), False, config, exact, filter_eps, interpret)
   if config.sort_vocabulary and _tile_skipping(spec):
     c_VD, bias_V, targets_N = _sorted_vocabulary(e_ND, c_VD, bias_V, targets_N, valid_N)
   stats = LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N))
@@ -98,8 +97,7 @@ def _sorted_vocabulary(e_ND, c_VD, bias_V, targets_N, valid_N):
 
 def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, exact, config, interpret=False):
   """log p(target) [N] and entropy [N] of softmax(logits / temperature), fp32, by the Pallas kernels."""
-  spec = _with_memory_mode(_spec(softcap, 1.0 / temperature, False, True, config, exact, None, interpret),
-                           e_ND, c_VD, bias_V)
+  spec = _spec(softcap, 1.0 / temperature, False, True, config, exact, None, interpret)
   return stats_losses.logprobs(LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N)))
 
 
@@ -250,16 +248,6 @@ def _mosaic_forward(spec, e_ND, c_VD, bias_V) -> bool:
   row_max_block_v = spec.config.block_v if _tile_skipping(spec) else None
   return _use_mosaic(spec, "forward_kernel", "triton",
                      mosaic_forward.unsupported_reason(e_ND, c_VD, bias_V, row_max_block_v))
-
-
-def _with_memory_mode(spec, e_ND, c_VD, bias_V):
-  """spec with `PallasGpuConfig.low_memory` None resolved: True where the compiled Mosaic forward runs (its per-row
-  codes bound tightly), else False (in the interpreter too: the GPU interpreter can stall on the codes with few
-  CPU cores)."""
-  if spec.config.low_memory is not None:
-    return spec
-  low = not spec.interpret and _mosaic_forward(spec, e_ND, c_VD, bias_V)
-  return dataclasses.replace(spec, config=dataclasses.replace(spec.config, low_memory=low))
 
 
 def _mosaic_dlogits(spec, e_ND, c_VD, bias_V) -> bool:

@@ -127,7 +127,8 @@ def _commit():
   if os.environ.get("CCE_COMMIT"):  # for copies of the tree without .git
     return os.environ["CCE_COMMIT"]
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    # --dirty: a tree that differs from HEAD (uncommitted edits, a copy next to an older .git) says so
+    return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
                           check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"

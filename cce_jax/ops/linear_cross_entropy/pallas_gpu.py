@@ -17,8 +17,8 @@ GEMMs for dE and dC; no atomics, deterministic. With filtering the backward skip
 tile is always kept), from a keep mask that the forward prepares in one of two ways.
 
 `PallasGpuConfig.low_memory` (off by default: slow where most tiles are kept): the forward codes each row's
-largest logit per tile against ref, an estimate of the row's LSE a little below it, computed ahead in XLA from a sample
-of the vocabulary (`lse_estimate`): d = row max - ref - log(filter_eps), and p >= filter_eps needs
+largest logit per tile against ref, an estimate of the row's LSE a little below it, computed ahead in XLA from a
+sample of the vocabulary (`lse_estimate`): d = row max - ref - log(filter_eps), and p >= filter_eps needs
 d >= lse - ref (mostly in [0, 0.5)). The Mosaic forward writes d as a 2-bit code per row and 128-wide tile
 (`mosaic_forward.CODE_LEVELS`; 2 MiB per 2^23 row-tiles), the Triton forward the largest d per tile; the forward
 turns either into the keep mask right away, and the backward is `swept_backward`'s: no fp32 dE, no dense

@@ -12,7 +12,6 @@ import pytest
 
 import cce_jax
 from cce_jax import PallasGpuConfig
-from cce_jax.ops.linear_cross_entropy import mosaic_forward
 from cce_jax.ops.linear_cross_entropy import pallas_gpu
 from cce_jax.ops.linear_cross_entropy import swept_backward
 from tests.ops.linear_cross_entropy import helpers

@@ -78,8 +78,8 @@ class PallasGpuConfig:
       and turns that into the keep mask at once; the kept tiles run in two sweeps over an 8 MiB dZ buffer, dC then
       dE, each gradient written once from fp32 sums (`swept_backward`: no fp32 dE, no dense fallback, every kept
       tile's dZ computed twice). Deterministic. Fast where few tiles are kept (peaked softmaxes) and slow where
-      many are (H200 loss + gradient, with / without: gemma2_2b peaked 21.3 / 18.9 ms at 15 / 311 MiB;
-      llama3_8b_4k peaked 12.1 / 10.0, random 37.0 / 19.4; the hidden states of a trained 126M model, V = 32768,
+      many are (H200 loss + gradient, with / without: gemma2_2b peaked 21.7 / 19.0 ms at 13 / 311 MiB;
+      llama3_8b_4k peaked 12.0 / 10.3, random 37.4 / 20.3; the hidden states of a trained 126M model, V = 32768,
       N = 16384: 61.3 / 5.7 ms, naive XLA 5.9; BENCHMARKS.md). Through the Triton forward the mask is
       coarse (gemma2_2b peaked 45.2 ms). False (default): the tile-skipping backward of `compact_backward` (one
       dZ per kept tile, a 128 MiB buffer, an fp32 dE) with a dense fallback when most tiles are kept, ~250-340

@@ -54,7 +54,7 @@ def naive_loss(e, c, targets, softcap):
   return jnp.mean(lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0])
 
 
-# The default filtered config with one change: "lowmem" the backward in ~10-15 MiB of temporaries (low_memory),
+# The default filtered config with one change: "lowmem" the backward in ~10-13 MiB of temporaries (low_memory),
 # "sparse" always through the tile-skipping kernels (no dense fallback), "sorted" with the vocabulary sorted by
 # mean logit first, "triton" with the Triton forward where Mosaic GPU's would run.
 _FILTERED_VARIANTS = {

@@ -72,7 +72,7 @@ class PallasGpuConfig:
       (fp32: 2^26 is 256 MiB; H100 sweep: gemma2_2b 95.8 ms at 2048 / 2^23, 81.0 at 8192 / 2^26).
     backward_buffer_bytes: the tile-skipping backward's dZ buffer (kept tiles in the compute dtype); more kept
       tiles than it holds run in several passes. None: 2^27 bytes, or 2^23 with low_memory (`buffer_bytes`).
-    low_memory: the filtered backward (filter_eps set, exact=False) in ~10-15 MiB of temporaries: the forward
+    low_memory: the filtered backward (filter_eps set, exact=False) in ~10-13 MiB of temporaries: the forward
       codes each row's largest logit per tile against an estimate of the row's LSE from a vocabulary sample
       (`lse_estimate`; a 2-bit code per row and tile from the Mosaic forward, one value per tile from Triton's)
       and turns that into the keep mask at once; the kept tiles run in two sweeps over an 8 MiB dZ buffer, dC then

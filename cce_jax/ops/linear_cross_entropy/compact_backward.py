@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from cce_jax.ops.linear_cross_entropy import triton_tiles
 from cce_jax.ops.linear_cross_entropy import xla_chunked
+from cce_jax.ops.linear_cross_entropy.config import pow2_floor
 
 _block_start = xla_chunked.block_start
 
@@ -168,7 +169,7 @@ def backward(spec, residuals, row_cotangents, inv_r, keep):
   v = c_VD.shape[0]
   cfg = spec.config
   bn, bv = cfg.block_n, cfg.block_v
-  bq = min(cfg.grad_block_d, 1 << (d.bit_length() - 1))
+  bq = min(cfg.grad_block_d, pow2_floor(d))
   n_tiles, v_tiles = keep.shape
   has_bias = bias_V is not None
   compute = jnp.result_type(e_ND.dtype, c_VD.dtype)

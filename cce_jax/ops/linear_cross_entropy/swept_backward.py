@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 from cce_jax.ops.linear_cross_entropy import compact_backward
 from cce_jax.ops.linear_cross_entropy import triton_tiles
 from cce_jax.ops.linear_cross_entropy import xla_chunked
+from cce_jax.ops.linear_cross_entropy.config import pow2_floor
 
 _block_start = xla_chunked.block_start
 # Window information, int32: the fields that the tile kernel reads (start, length) sit where it reads them.
@@ -124,7 +125,7 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
   # grad_block_d for both sweeps. (At 128-token tiles a dE window held few runs, and D blocks of 32 made more
   # programs; at 32-token tiles 128 is faster: H200 dE sweep gemma2_2b / llama3_8b_4k peaked 3.20 / 2.53 ms at
   # 128 vs 3.89 / 3.18 at 32.)
-  bq = min(cfg.grad_block_d, 1 << (d.bit_length() - 1))
+  bq = min(cfg.grad_block_d, pow2_floor(d))
   n_tiles, v_tiles = keep.shape
   has_bias = for_dc and bias_V is not None
   compute = jnp.result_type(e_ND.dtype, c_VD.dtype)

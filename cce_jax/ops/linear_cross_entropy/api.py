@@ -7,6 +7,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import pallas_gpu
 from cce_jax.ops.linear_cross_entropy import reference
 from cce_jax.ops.linear_cross_entropy import validation
@@ -97,6 +98,7 @@ def linear_cross_entropy(
     The loss (fp32 scalar, or [*B] for reduction="none"), and the LSE [*B] when `return_lse`.
   """
   e, c, targets, bias, weights = validation.check_arrays(e, c, targets, bias, weights)
+  e, c, targets, bias, weights = manual_axes.vary_inputs(e, c, targets, bias, weights)
   ignore_index = validation.static_number("ignore_index", ignore_index, integer=True)
   softcap = validation.static_number("softcap", softcap, low=0.0, low_inclusive=False, allow_none=True)
   if reduction not in validation.REDUCTIONS:
@@ -179,6 +181,7 @@ def token_logprobs(
     logprobs [*B] fp32, and entropy [*B] fp32 when `return_entropy`.
   """
   e, c, targets, bias, _ = validation.check_arrays(e, c, targets, bias)
+  e, c, targets, bias = manual_axes.vary_inputs(e, c, targets, bias)
   temperature = validation.static_number("temperature", temperature, low=0.0, low_inclusive=False)
   softcap = validation.static_number("softcap", softcap, low=0.0, low_inclusive=False, allow_none=True)
   ignore_index = validation.static_number("ignore_index", ignore_index, integer=True)

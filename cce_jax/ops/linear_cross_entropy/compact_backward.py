@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import triton_tiles
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import pow2_floor
@@ -187,6 +188,7 @@ def backward(spec, residuals, row_cotangents, inv_r, keep):
   dz_shapes = [jax.ShapeDtypeStruct((cap * bn, bv), compute)]
   if has_bias:
     dz_shapes.append(jax.ShapeDtypeStruct((cap, bv), acc))
+  dz_shapes = manual_axes.kernel_out(dz_shapes, e_ND)
 
   def one_pass(carry):
     j0, de, dc, db = carry
@@ -211,7 +213,7 @@ def backward(spec, residuals, row_cotangents, inv_r, keep):
     de = pl.pallas_call(
         functools.partial(_de_kernel, n=n, v=v, d=d, bn=bn, bv=bv, bq=bq, precision=precision),
         grid=(n_q, n_tiles), in_specs=[any_spec] * 6, out_specs=any_spec,
-        out_shape=jax.ShapeDtypeStruct(de.shape, de.dtype), input_output_aliases={5: 0},
+        out_shape=manual_axes.kernel_out(jax.ShapeDtypeStruct(de.shape, de.dtype), e_ND), input_output_aliases={5: 0},
         compiler_params=params, interpret=spec.interpret, name="cce_bwd_de",
     )(dz, c_VD, slot_j, order, row_ptr, de)
     outs = [dc] + ([db] if has_bias else [])
@@ -220,13 +222,13 @@ def backward(spec, residuals, row_cotangents, inv_r, keep):
         functools.partial(_dc_kernel, n=n, v=v, d=d, bn=bn, bv=bv, bq=bq, precision=precision,
                           has_bias=has_bias),
         grid=(n_q, v_tiles), in_specs=[any_spec] * len(dc_args), out_specs=[any_spec] * len(outs),
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+        out_shape=manual_axes.kernel_out([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs], e_ND),
         input_output_aliases={len(dc_args) - len(outs) + k: k for k in range(len(outs))},
         compiler_params=params, interpret=spec.interpret, name="cce_bwd_dc",
     )(*dc_args)
     return j1, de, dc, db[0] if has_bias else None
 
-  init = (jnp.int32(0), jnp.zeros((n, d), acc), jnp.zeros((v, d), c_VD.dtype),
-          jnp.zeros((v,), bias_V.dtype) if has_bias else None)
+  init = manual_axes.vary((jnp.int32(0), jnp.zeros((n, d), acc), jnp.zeros((v, d), c_VD.dtype),
+                           jnp.zeros((v,), bias_V.dtype) if has_bias else None), manual_axes.axes(e_ND))
   _, de, dc, db = lax.while_loop(lambda carry: carry[0] < v_tiles, one_pass, init)
   return de.astype(e_ND.dtype), dc, db, None

@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import mosaic_pipeline as mp
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 
@@ -153,14 +154,15 @@ def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, split
       return (lax.dynamic_update_slice(de_acc, de, (n_start, 0)), dc_blk), None
 
     de_acc, dc = carry
-    (de_acc, dc_blk), _ = lax.scan(n_step, (de_acc, jnp.zeros((bv, d), dc_dtype)), jnp.arange(n_blocks))
+    dc_init = manual_axes.vary(jnp.zeros((bv, d), dc_dtype), manual_axes.axes(e_ND))
+    (de_acc, dc_blk), _ = lax.scan(n_step, (de_acc, dc_init), jnp.arange(n_blocks))
     return de_acc, lax.dynamic_update_slice(dc, dc_blk.astype(dc.dtype), (v_start, 0))
 
   def v_step(carry, j):
     return vocab_block(carry, j * block_v, lax.dynamic_slice(c_VD, (j * block_v, 0), (block_v, d))), None
 
   full_blocks = v // block_v
-  carry = (jnp.zeros((n8, d), acc), jnp.zeros_like(c_VD))
+  carry = manual_axes.vary((jnp.zeros((n8, d), acc), jnp.zeros_like(c_VD)), manual_axes.axes(e_ND))
   carry, _ = lax.scan(v_step, carry, jnp.arange(full_blocks))
   if v % block_v:  # the remaining columns: one smaller block (a static shape)
     carry = vocab_block(carry, full_blocks * block_v, c_VD[full_blocks * block_v:])

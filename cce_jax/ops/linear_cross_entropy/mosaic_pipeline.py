@@ -17,6 +17,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from cce_jax.ops.linear_cross_entropy import manual_axes
+
 BN = 128  # tokens per CTA tile (two wgmma M = 64 per consumer warpgroup)
 BV = 128  # vocabulary entries per consumer tile
 CTA_V = 2 * BV
@@ -86,17 +88,25 @@ def split_vocabulary(v: int, splits: int) -> tuple[int, int]:
 
 
 def launch(kernel, out_type, *, n, splits, approx_math, interpret):
-  """`kernel` over the grid (token tiles of N, vocabulary splits) with three warpgroups per CTA."""
-  return plgpu.kernel(
-      kernel,
-      out_type=out_type,
-      grid=(pl.cdiv(n, BN), splits),
-      grid_names=("tok", "split"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=approx_math),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )
+  """`kernel` over the grid (token tiles of N, vocabulary splits) with three warpgroups per CTA.
+
+  Inside shard_map the outputs vary over the mesh axes of the first argument. (`plgpu.kernel` types them as
+  invariant, as it traces with check_vma off; a consumer's implicit cast to varying would then transpose to a sum
+  over the mesh. These kernels run only inside custom_vjp rules, where the cast here is not differentiated.)"""
+  def call(*args):
+    outs = plgpu.kernel(
+        kernel,
+        out_type=manual_axes.kernel_out(out_type, args[0]),
+        grid=(pl.cdiv(n, BN), splits),
+        grid_names=("tok", "split"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=approx_math),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(*args)
+    return manual_axes.vary(outs, manual_axes.axes(args[0]))
+
+  return call
 
 
 def cta_range(v, v_per_split):

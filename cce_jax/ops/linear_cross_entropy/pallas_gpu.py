@@ -52,6 +52,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from cce_jax.ops.linear_cross_entropy import compact_backward
 from cce_jax.ops.linear_cross_entropy import lse_estimate
+from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import mosaic_dlogits
 from cce_jax.ops.linear_cross_entropy import mosaic_forward
 from cce_jax.ops.linear_cross_entropy import mosaic_pipeline
@@ -346,6 +347,7 @@ def _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima, reference_
       out_shape.append(jax.ShapeDtypeStruct((pl.cdiv(n, cfg.block_n), v_tiles), part.dtype))
     else:
       out_shape.append(jax.ShapeDtypeStruct((n, v_tiles), jnp.bfloat16))
+  out_shape = manual_axes.kernel_out(out_shape, e_ND)
   outs = pl.pallas_call(
       functools.partial(_fwd_kernel, spec=spec, n=n, v=v, d=d, v_per_split=v_per_split,
                         has_bias=bias_V is not None, with_reference=with_reference),

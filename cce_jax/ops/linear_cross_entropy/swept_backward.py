@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cce_jax.ops.linear_cross_entropy import compact_backward
+from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import triton_tiles
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import pow2_floor
@@ -144,6 +145,7 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
   dz_shapes = [jax.ShapeDtypeStruct((cap * bn, bv), compute)]
   if has_bias:
     dz_shapes.append(jax.ShapeDtypeStruct((cap, bv), acc))
+  dz_shapes = manual_axes.kernel_out(dz_shapes, e_ND)
   carry_rows = bv if for_dc else bn
 
   def window(carry):
@@ -169,6 +171,7 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs] + [jax.ShapeDtypeStruct(carry_in.shape, acc)]
     if has_bias:
       out_shape.append(jax.ShapeDtypeStruct((bv,), acc))
+    out_shape = manual_axes.kernel_out(out_shape, e_ND)
     res = pl.pallas_call(
         functools.partial(_seg_kernel, for_dc=for_dc, n=n, v=v, d=d, bn=bn, bv=bv, bq=bq, n_tiles=n_tiles,
                           v_tiles=v_tiles, precision=precision, has_bias=has_bias),
@@ -182,7 +185,8 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
       (out, carry_out), cb_out = res, cb_in
     return w + 1, out, db, carry_out, cb_out
 
-  init = (jnp.int32(0), out, db, jnp.zeros((carry_rows, d), acc), jnp.zeros((bv,), acc) if has_bias else None)
+  init = manual_axes.vary((jnp.int32(0), out, db, jnp.zeros((carry_rows, d), acc),
+                           jnp.zeros((bv,), acc) if has_bias else None), manual_axes.axes(e_ND))
   _, out, db, _, _ = lax.while_loop(lambda carry: carry[0] * cap < length, window, init)
   return out, db
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import stats_losses
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
 from cce_jax.ops.linear_cross_entropy.stats_losses import LogitStats
@@ -131,7 +132,8 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N):
   acc = acc_dtype(e_ND.dtype, c_VD.dtype)
   zeros = jnp.zeros((n,), acc)
   # m: running max, l: running sum of exp(s - m), w: running sum of exp(s - m) * s.
-  init = dict(m=jnp.full((n,), -jnp.inf, acc), l=zeros, st=zeros, ssum=zeros, w=zeros)
+  init = manual_axes.vary(dict(m=jnp.full((n,), -jnp.inf, acc), l=zeros, st=zeros, ssum=zeros, w=zeros),
+                          manual_axes.axes(e_ND))
 
   def v_step(state, j):
     v_start, v_first = block_start(j, bv, v)
@@ -254,14 +256,15 @@ def stats_backward(spec, residuals, cotangents):
         keep = ~(jnp.max(jnp.abs(ds) * rows(inv_row_scale)[:, None]) < spec.filter_eps)
         de_t, dc_t, db_t = lax.cond(
             keep, tile_grads,
-            lambda *_: (jnp.zeros((bn, d), acc), jnp.zeros((bv, d), acc), jnp.zeros((bv,), acc)),
+            lambda *_: manual_axes.vary((jnp.zeros((bn, d), acc), jnp.zeros((bv, d), acc), jnp.zeros((bv,), acc)),
+                                        manual_axes.axes(e_ND)),
             e_blk, c_blk, dz)
       de_acc = lax.dynamic_update_slice(
           de_acc, lax.dynamic_slice(de_acc, (n_start, 0), (bn, d)) + de_t, (n_start, 0))
       return (de_acc, dc_blk + dc_t, db_blk + db_t), None
 
-    (de_acc, dc_blk, db_blk), _ = lax.scan(
-        n_step, (de_acc, jnp.zeros((bv, d), acc), jnp.zeros((bv,), acc)), jnp.arange(_cdiv(n, bn)))
+    blk_init = manual_axes.vary((jnp.zeros((bv, d), acc), jnp.zeros((bv,), acc)), manual_axes.axes(e_ND))
+    (de_acc, dc_blk, db_blk), _ = lax.scan(n_step, (de_acc,) + blk_init, jnp.arange(_cdiv(n, bn)))
     # Each column is final after its block; the columns a moved-back last block revisits hold zeros in
     # dc_blk, so adding them into the earlier values is exact in any dtype.
     dc = lax.dynamic_update_slice(
@@ -271,11 +274,11 @@ def stats_backward(spec, residuals, cotangents):
           db, lax.dynamic_slice(db, (v_start,), (bv,)) + db_blk.astype(db.dtype), (v_start,))
     return (de_acc, dc, db), None
 
-  init = (
+  init = manual_axes.vary((
       jnp.zeros((n, d), acc),
       jnp.zeros(c_VD.shape, c_VD.dtype),
       None if bias_V is None else jnp.zeros(bias_V.shape, bias_V.dtype),
-  )
+  ), manual_axes.axes(e_ND))
   (de_acc, dc, db), _ = lax.scan(v_step, init, jnp.arange(_cdiv(v, bv)))
   return de_acc.astype(e_ND.dtype), dc, db, None
 

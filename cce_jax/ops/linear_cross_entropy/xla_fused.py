@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import stats_losses
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
@@ -112,6 +113,7 @@ def _run(spec, e_ND, c_VD, bias_V, targets_N, coef_N, *, grads):
     return (dc, db), (loss, de)
 
   init = (jnp.zeros((v, d), acc), None if bias_V is None else jnp.zeros((v,), acc)) if grads else None
+  init = manual_axes.vary(init, manual_axes.axes(e_ND))
   carry, outs = lax.scan(block, init, jnp.arange(blocks))
   loss_N = outs[0].reshape(-1)[:n]
   if not grads:

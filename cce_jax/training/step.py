@@ -74,7 +74,7 @@ def build(mcfg: models.Config, ocfg: optim.OptimConfig, *, loss: str, fsdp: bool
 
   def loss_fn(params, batch):
     return models.lm_loss(codec.to_model(params), batch["inputs"], batch["targets"], implementation=loss,
-                          **(loss_options or {}))
+                          mesh=mesh, **(loss_options or {}))
 
   def train_step(state, batch):
     (loss_value, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)

@@ -1,0 +1,107 @@
+"""The fused loss over a device mesh, with the tokens split across it (data parallelism).
+
+Under `jit`, XLA partitions a materialised loss by itself but not the custom calls of the Pallas kernels: given
+token-sharded inputs, it gathers every input onto every device, and each device computes the whole batch's loss.
+(Two H100s, N = 16384, D = 2048, V = 128256, loss + gradient: 61 ms that way, against 56 ms on one GPU and 29 ms
+split; `xla_chunked`'s scans fare worse, 858 ms.) The functions here run the op inside `jax.shard_map`. Each
+device takes its own tokens and the whole classifier. A reduced loss is summed over the mesh, and the transpose of
+that sum adds up the replicated classifier's gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from cce_jax.ops.linear_cross_entropy import api
+from cce_jax.ops.linear_cross_entropy import validation
+
+try:
+  from jax import shard_map
+except ImportError:  # older jax
+  from jax.experimental.shard_map import shard_map
+
+
+def linear_cross_entropy(e, c, targets, *, mesh, batch_axes, bias=None, weights=None, reduction="mean",
+                         ignore_index=-100, shift=0, return_lse=False, **kwargs):
+  """`cce_jax.linear_cross_entropy` with the leading axis of e, targets and weights split over `batch_axes`.
+
+  Args:
+    e: [B, ..., D] hidden states, targets: [B, ...], weights: [B, ...] or None; their leading axis B is split
+      over the mesh axes `batch_axes`, and must be divisible by the product of their sizes.
+    c: [V, D] and bias: [V] or None, replicated on every device of the split.
+    mesh: a `jax.sharding.Mesh`. batch_axes: one of its axis names, or a tuple of them.
+    reduction: as for the op. "mean" divides by the scored tokens (or their weights) of the whole mesh.
+    shift: as for the op, along the last axis of targets. That axis must not be the split one: targets.ndim >= 2
+      when shift > 0.
+    **kwargs: the op's other options (softcap, label_smoothing, z_loss, filter_eps, exact, implementation,
+      config, interpret).
+
+  Returns:
+    As the op. A reduced loss is replicated; per-token losses and the LSE are split like targets.
+  """
+  axes = _axes(batch_axes)
+  if reduction not in validation.REDUCTIONS:
+    raise ValueError(f"reduction must be one of {validation.REDUCTIONS}, got {reduction!r}")
+  _check_split(mesh, axes, e, targets, weights, shift)
+  tok = P(axes)
+  local_reduction = "none" if reduction == "none" else "sum"
+
+  def local(e, c, targets, bias, weights):
+    out = api.linear_cross_entropy(e, c, targets, bias=bias, weights=weights, reduction=local_reduction,
+                                   ignore_index=ignore_index, shift=shift, return_lse=return_lse, **kwargs)
+    loss, lse = out if return_lse else (out, None)
+    if reduction != "none":
+      loss = lax.psum(loss, axes)
+    if reduction == "mean":
+      valid = api._shift_targets(targets, shift, ignore_index).reshape(-1) != ignore_index
+      total = lax.psum(jnp.sum(api._token_weights(valid, weights, jnp.float32)), axes)
+      loss = loss / jnp.where(total == 0, 1.0, total)
+    return (loss, lse) if return_lse else loss
+
+  loss_spec = tok if reduction == "none" else P()
+  fn = shard_map(local, mesh=mesh, in_specs=(tok, P(), tok, P(), tok),
+                 out_specs=(loss_spec, tok) if return_lse else loss_spec)
+  return fn(e, c, targets, bias, weights)
+
+
+def token_logprobs(e, c, targets, *, mesh, batch_axes, bias=None, return_entropy=False, ignore_index=-100,
+                   shift=0, **kwargs):
+  """`cce_jax.token_logprobs` with the leading axis of e and targets split over `batch_axes` (see
+  `linear_cross_entropy` here); c and bias replicated. Returns log p(target) [B, ...] (and the entropy), split
+  like targets."""
+  axes = _axes(batch_axes)
+  _check_split(mesh, axes, e, targets, None, shift)
+  tok = P(axes)
+  local = lambda e, c, targets, bias: api.token_logprobs(
+      e, c, targets, bias=bias, return_entropy=return_entropy, ignore_index=ignore_index, shift=shift, **kwargs)
+  fn = shard_map(local, mesh=mesh, in_specs=(tok, P(), tok, P()), out_specs=(tok, tok) if return_entropy else tok)
+  return fn(e, c, targets, bias)
+
+
+def _axes(batch_axes) -> tuple:
+  axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  if not axes:
+    raise ValueError("batch_axes must name at least one mesh axis")
+  return axes
+
+
+def _check_split(mesh, axes, e, targets, weights, shift):
+  """Clear errors, before shard_map's own, for what cannot be split."""
+  missing = [a for a in axes if a not in mesh.shape]
+  if missing:
+    raise ValueError(f"batch_axes {missing} are not axes of the mesh (its axes: {tuple(mesh.shape)})")
+  if jnp.ndim(e) < 2 or jnp.ndim(targets) < 1:
+    raise ValueError(f"the split needs e [B, ..., D] and targets [B, ...]; got e {jnp.shape(e)}, targets "
+                     f"{jnp.shape(targets)}")
+  if shift and jnp.ndim(targets) < 2:
+    raise ValueError(f"shift={shift} works along the last axis of targets, which must not be the split axis: "
+                     f"targets need a batch axis before it, got shape {jnp.shape(targets)}")
+  parts = math.prod(mesh.shape[a] for a in axes)
+  for name, x in (("e", e), ("targets", targets), ("weights", weights)):
+    if x is not None and jnp.shape(x)[0] % parts:
+      raise ValueError(f"{name}'s leading axis ({jnp.shape(x)[0]}) is not divisible by the {parts} devices of "
+                       f"batch_axes {axes}")

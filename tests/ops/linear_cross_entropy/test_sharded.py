@@ -1,0 +1,109 @@
+"""`cce_jax.sharded`: the op with the tokens split over a mesh matches the op on the whole batch (values, gradients,
+output splits), and rejects what it cannot split."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import cce_jax
+from tests.ops.linear_cross_entropy import helpers
+from tests.ops.linear_cross_entropy import test_shard_map
+
+_REPO = test_shard_map._REPO
+
+
+def _mesh(n=1):
+  return Mesh(np.array(jax.devices()[:n]), ("data",))
+
+
+def _compare(kwargs, mesh, shape=(4, 12), d=24, v=211, rtol=1e-5, dtype=jnp.float32):
+  """Loss (or per-token losses) and gradients of the sharded op against the op, on the same inputs."""
+  e, c, targets, bias = helpers.make_inputs(0, shape, d, v, dtype, bias=True, ignore_frac=0.2)
+  weights = jax.random.uniform(jax.random.key(1), shape, jnp.float32)
+
+  def run(fn):
+    def scalar(e, c, b):
+      out = fn(e, c, targets, bias=b, weights=weights, **kwargs)
+      out = out[0] + 0.5 * out[1] if isinstance(out, tuple) else out
+      return jnp.sum(out), out
+    (_, out), grads = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True))(e, c, bias)
+    return out, grads
+
+  got = run(lambda *a, **k: cce_jax.sharded.linear_cross_entropy(*a, mesh=mesh, batch_axes="data", **k))
+  want = run(cce_jax.linear_cross_entropy)
+  test_shard_map._assert_close(got, want, rtol)
+  return got
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(reduction="mean"), dict(reduction="sum", softcap=20.0), dict(reduction="none", shift=1),
+    dict(reduction="mean", return_lse=True, label_smoothing=0.1, z_loss=1e-3),
+    dict(reduction="mean", implementation="xla_fused"), dict(reduction="mean", implementation="reference")])
+def test_matches_the_op_on_one_device(kwargs):
+  _compare(kwargs, _mesh())
+
+
+def test_logprobs_match_on_one_device():
+  e, c, targets, _ = helpers.make_inputs(2, (2, 10), 16, 97)
+  got = cce_jax.sharded.token_logprobs(e, c, targets, mesh=_mesh(), batch_axes="data", return_entropy=True,
+                                       shift=1, temperature=0.7)
+  want = cce_jax.token_logprobs(e, c, targets, return_entropy=True, shift=1, temperature=0.7)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_rejects_what_it_cannot_split():
+  e, c, targets, _ = helpers.make_inputs(3, (3, 8), 16, 50)
+  split = dict(mesh=_mesh(), batch_axes="data")
+  with pytest.raises(ValueError, match="not axes of the mesh"):
+    cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=_mesh(), batch_axes="model")
+  with pytest.raises(ValueError, match="shift=1 works along the last axis"):
+    cce_jax.sharded.linear_cross_entropy(e[0], c, targets[0], shift=1, **split)
+  with pytest.raises(ValueError, match="reduction"):
+    cce_jax.sharded.linear_cross_entropy(e, c, targets, reduction="avg", **split)
+  with pytest.raises(ValueError, match="not divisible by the 2 devices"):
+    mesh2 = Mesh(np.array(jax.devices()[:1] * 2).reshape(2), ("data",)) if len(jax.devices()) == 1 else _mesh(2)
+    cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=mesh2, batch_axes="data")
+
+
+def test_split_over_four_devices():
+  """Four CPU devices (a fresh process): the same values and gradients as the op, per-token results and dE split
+  over the devices, the reduced loss and dC replicated."""
+  script = textwrap.dedent("""
+      import jax, numpy as np
+      from jax.sharding import Mesh
+      from tests.ops.linear_cross_entropy import test_sharded as t
+      assert len(jax.devices()) == 4
+      mesh = Mesh(np.array(jax.devices()), ("data",))
+      for kw in (dict(reduction="mean", shift=1, softcap=15.0), dict(reduction="none"),
+                 dict(reduction="sum", implementation="xla_fused")):
+        out, (de, dc, db) = t._compare(kw, mesh, shape=(8, 6))
+        assert len({s.index for s in de.addressable_shards}) == 4, de.sharding
+        assert len({s.index for s in dc.addressable_shards}) == 1, dc.sharding
+        if kw["reduction"] == "none":
+          assert len({s.index for s in out.addressable_shards}) == 4, out.sharding
+      print("OK")
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", script], cwd=_REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_pallas_gpu_split_over_the_local_gpus():
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  n = len(jax.devices())
+  _compare(dict(reduction="mean", softcap=30.0, implementation="pallas_gpu"), _mesh(n), shape=(2 * n, 256),
+           d=256, v=5000, rtol=2e-2, dtype=jnp.bfloat16)

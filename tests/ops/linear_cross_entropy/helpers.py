@@ -1,6 +1,11 @@
-"""Inputs, error measures and the naive bf16 baseline shared by the loss tests."""
+"""Inputs, error measures, the naive bf16 baseline and a runner on simulated devices shared by the loss tests."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -85,3 +90,16 @@ def naive_lowp_loss(e, c, targets, bias=None, *, softcap=None, label_smoothing=0
   loss = (1 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
   loss = loss + z_loss * jnp.square(jax.nn.logsumexp(logits, axis=-1))
   return jnp.sum(jnp.where(valid, loss, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def run_with_cpu_devices(script, devices):
+  """Runs the Python `script` in a fresh process with `devices` simulated CPU devices (the repository on its path)
+  and checks that it exits cleanly with OK as its last line."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]

@@ -10,10 +10,6 @@ runs the compiled kernels with them on.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +26,6 @@ try:
   from jax import shard_map
 except ImportError:  # older jax
   from jax.experimental.shard_map import shard_map
-
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 
 def _sharded_sum(fn, mesh, check_vma=True):
   """sum over tokens of fn(e, c, bias, targets) per token, with the tokens split over the mesh's "data" axis."""
@@ -109,7 +102,7 @@ def test_pallas_kernels_inside_shard_map_interpreted():
 def test_tokens_split_over_four_devices():
   """Four CPU devices (a fresh process): each holds a quarter of the tokens; the replicated classifier's gradient
   is summed over them by the transpose of the op's own pcast."""
-  script = textwrap.dedent("""
+  script = """
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import Mesh, PartitionSpec as P
       import cce_jax
@@ -126,12 +119,8 @@ def test_tokens_split_over_four_devices():
         de_shards = {s.device for s in got[1][0].addressable_shards}
         assert len(de_shards) == 4, de_shards
       print("OK")
-  """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", script], cwd=_REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+  """
+  helpers.run_with_cpu_devices(script, 4)
 
 
 @pytest.mark.gpu

@@ -3,10 +3,6 @@ output splits), and rejects what it cannot split."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +13,6 @@ from jax.sharding import Mesh
 import cce_jax
 from tests.ops.linear_cross_entropy import helpers
 from tests.ops.linear_cross_entropy import test_shard_map
-
-_REPO = test_shard_map._REPO
-
 
 def _mesh(n=1):
   return Mesh(np.array(jax.devices()[:n]), ("data",))
@@ -78,7 +71,7 @@ def test_rejects_what_it_cannot_split():
 def test_split_over_four_devices():
   """Four CPU devices (a fresh process): the same values and gradients as the op, per-token results and dE split
   over the devices, the reduced loss and dC replicated."""
-  script = textwrap.dedent("""
+  script = """
       import jax, numpy as np
       from jax.sharding import Mesh
       from tests.ops.linear_cross_entropy import test_sharded as t
@@ -92,12 +85,8 @@ def test_split_over_four_devices():
         if kw["reduction"] == "none":
           assert len({s.index for s in out.addressable_shards}) == 4, out.sharding
       print("OK")
-  """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", script], cwd=_REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+  """
+  helpers.run_with_cpu_devices(script, 4)
 
 
 @pytest.mark.gpu

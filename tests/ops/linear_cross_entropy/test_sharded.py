@@ -70,7 +70,7 @@ def test_rejects_what_it_cannot_split():
 
 def test_split_over_four_devices():
   """Four CPU devices (a fresh process): the same values and gradients as the op, per-token results and dE split
-  over the devices, the reduced loss and dC replicated."""
+  over the devices, the reduced loss and dC replicated; the batch split over both axes of a 2 × 2 mesh."""
   script = """
       import jax, numpy as np
       from jax.sharding import Mesh
@@ -84,6 +84,13 @@ def test_split_over_four_devices():
         assert len({s.index for s in dc.addressable_shards}) == 1, dc.sharding
         if kw["reduction"] == "none":
           assert len({s.index for s in out.addressable_shards}) == 4, out.sharding
+      grid = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))  # the batch over both axes of a 2-D mesh
+      import cce_jax
+      e, c, targets, _ = t.helpers.make_inputs(4, (8, 5), 16, 300)
+      got = cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=grid, batch_axes=("data", "fsdp"),
+                                                 reduction="none")
+      np.testing.assert_allclose(got, cce_jax.linear_cross_entropy(e, c, targets, reduction="none"), rtol=1e-5)
+      assert len({s.index for s in got.addressable_shards}) == 4, got.sharding
       print("OK")
   """
   helpers.run_with_cpu_devices(script, 4)

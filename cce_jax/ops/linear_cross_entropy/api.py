@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import pallas_gpu
 from cce_jax.ops.linear_cross_entropy import reference
+from cce_jax.ops.linear_cross_entropy import stats_losses
 from cce_jax.ops.linear_cross_entropy import validation
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy import xla_fused
@@ -41,6 +43,7 @@ def linear_cross_entropy(
     implementation: str | None = "auto",
     config: XlaChunkedConfig | None = None,
     interpret: bool = False,
+    _vocab_split: VocabSplit | None = None,
 ):
   """Cross-entropy of softmax(e @ c.T + bias) against integer targets, without materialising the logits.
 
@@ -93,12 +96,15 @@ def linear_cross_entropy(
     config: tile sizes: an `XlaChunkedConfig` for "xla_chunked" and "xla_fused" (rows per block: block_n), a
       `PallasGpuConfig` for "pallas_gpu" (default: the config class's `for_shape`).
     interpret: run Pallas kernels in the interpreter (CPU testing of the Pallas implementations).
+    _vocab_split: internal, set by `cce_jax.sharded` inside shard_map: c holds this device's rows of a split
+      vocabulary, and the statistics are merged over the mesh.
 
   Returns:
     The loss (fp32 scalar, or [*B] for reduction="none"), and the LSE [*B] when `return_lse`.
   """
   e, c, targets, bias, weights = validation.check_arrays(e, c, targets, bias, weights)
-  e, c, targets, bias, weights = manual_axes.vary_inputs(e, c, targets, bias, weights)
+  names = manual_axes.axes(e, c, targets, bias, weights)
+  e, c, bias = manual_axes.vary((e, c, bias), names)
   ignore_index = validation.static_number("ignore_index", ignore_index, integer=True)
   softcap = validation.static_number("softcap", softcap, low=0.0, low_inclusive=False, allow_none=True)
   if reduction not in validation.REDUCTIONS:
@@ -120,15 +126,19 @@ def linear_cross_entropy(
   e_ND, targets_N = e.reshape(-1, e.shape[-1]), targets.reshape(-1)
   valid_N = targets_N != ignore_index
   if backend_name == "xla_fused":
-    return _fused_loss(e_ND, c, bias, targets_N, valid_N, weights, reduction=reduction, softcap=softcap,
-                       label_smoothing=label_smoothing, z_loss=z_loss, exact=exact, return_lse=return_lse,
-                       config=config)
+    if _vocab_split is not None:
+      raise ValueError("implementation='xla_fused' does not take a vocabulary split; use 'xla_chunked'")
+    return _fused_loss(e_ND, c, bias, manual_axes.vary(targets_N, names), valid_N, weights, reduction=reduction,
+                       softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, exact=exact,
+                       return_lse=return_lse, config=config)
   backend, backend_kwargs = _backend(backend_name, implementation, config, interpret, e_ND.shape, c.shape,
                                      softcap, filtered=filter_eps is not None and not exact)
+  backend_kwargs.update(_split_kwargs(_vocab_split, backend, backend_kwargs.get("config"), with_vocab_size=True))
   loss_N, lse_N = backend.cross_entropy_per_token(
-      e_ND, c, bias, targets_N, valid_N, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
-      filter_eps=filter_eps, exact=exact, **backend_kwargs)
-  loss_N = loss_N * _nan_where_out_of_range(targets_N, valid_N, c.shape[0], loss_N.dtype)
+      e_ND, c, bias, _backend_targets(targets_N, _vocab_split, names), valid_N, softcap=softcap,
+      label_smoothing=label_smoothing, z_loss=z_loss, filter_eps=filter_eps, exact=exact, **backend_kwargs)
+  vocab_size = c.shape[0] if _vocab_split is None else _vocab_split.vocab_size
+  loss_N = loss_N * _nan_where_out_of_range(targets_N, valid_N, vocab_size, loss_N.dtype)
 
   weights_N = _token_weights(valid_N, weights, loss_N.dtype)
   loss_N = loss_N * weights_N
@@ -156,6 +166,7 @@ def token_logprobs(
     implementation: str | None = "auto",
     config: XlaChunkedConfig | None = None,
     interpret: bool = False,
+    _vocab_split: VocabSplit | None = None,
 ):
   """Per-token log p(target) (and entropy) under softmax(f(e @ c.T + bias) / temperature), without the logits.
 
@@ -175,13 +186,14 @@ def token_logprobs(
     shift: k >= 0; score position i against targets[..., i + k] (the last k positions are ignored).
     return_entropy: also return the entropy [*B] of each position's distribution (nats).
     exact: HIGHEST matmul precision, bitwise deterministic run to run.
-    implementation, config, interpret: as in `linear_cross_entropy`.
+    implementation, config, interpret, _vocab_split: as in `linear_cross_entropy`.
 
   Returns:
     logprobs [*B] fp32, and entropy [*B] fp32 when `return_entropy`.
   """
   e, c, targets, bias, _ = validation.check_arrays(e, c, targets, bias)
-  e, c, targets, bias = manual_axes.vary_inputs(e, c, targets, bias)
+  names = manual_axes.axes(e, c, targets, bias)
+  e, c, bias = manual_axes.vary((e, c, bias), names)
   temperature = validation.static_number("temperature", temperature, low=0.0, low_inclusive=False)
   softcap = validation.static_number("softcap", softcap, low=0.0, low_inclusive=False, allow_none=True)
   ignore_index = validation.static_number("ignore_index", ignore_index, integer=True)
@@ -200,10 +212,13 @@ def token_logprobs(
   valid_N = targets_N != ignore_index
   backend, backend_kwargs = _backend(backend_name, implementation, config, interpret, e_ND.shape, c.shape,
                                      softcap)
+  backend_kwargs.update(_split_kwargs(_vocab_split, backend, backend_kwargs.get("config")))
   logp_N, entropy_N = backend.logprobs_per_token(
-      e_ND, c, bias, targets_N, softcap=softcap, temperature=temperature, exact=exact, **backend_kwargs)
+      e_ND, c, bias, _backend_targets(targets_N, _vocab_split, names), softcap=softcap, temperature=temperature,
+      exact=exact, **backend_kwargs)
   logp_N = jnp.where(valid_N, logp_N, 0.0)
-  logp_N = logp_N * _nan_where_out_of_range(targets_N, valid_N, c.shape[0], logp_N.dtype)
+  vocab_size = c.shape[0] if _vocab_split is None else _vocab_split.vocab_size
+  logp_N = logp_N * _nan_where_out_of_range(targets_N, valid_N, vocab_size, logp_N.dtype)
   logp = logp_N.reshape(batch_shape)
   return (logp, entropy_N.reshape(batch_shape)) if return_entropy else logp
 
@@ -258,6 +273,39 @@ def _backend(name, requested, config, interpret, e_shape, c_shape, softcap, filt
     config = (config or PallasGpuConfig.for_shape(n, v, d, softcap=softcap, filtered=filtered)).clamped(n, v, d)
     return pallas_gpu, {"config": config, "interpret": interpret}
   return reference, {}
+
+
+class VocabSplit(NamedTuple):
+  """The classifier's rows split over mesh axes (inside `jax.shard_map`, from `cce_jax.sharded`): this device
+  holds rows [offset, offset + V_local) of the `vocab_size` rows."""
+
+  axes: tuple
+  offset: jax.Array
+  vocab_size: int
+
+
+def _split_kwargs(split, backend, config, with_vocab_size=False):
+  """The backend's keyword arguments for a vocabulary split: merge the per-shard statistics over its axes."""
+  if split is None:
+    return {}
+  if backend not in (xla_chunked, pallas_gpu):
+    raise ValueError("a vocabulary split needs a blockwise implementation ('xla_chunked' or 'pallas_gpu'); "
+                     f"got {backend.__name__.rsplit('.', 1)[-1]!r}")
+  if getattr(config, "low_memory", False):
+    raise ValueError("PallasGpuConfig(low_memory=True) does not take a vocabulary split: its keep mask drops the "
+                     "rows whose target lives on another device")
+  kwargs = {"combine": functools.partial(stats_losses.merge_vocab_shards, axes=split.axes)}
+  if with_vocab_size:
+    kwargs["vocab_size"] = split.vocab_size
+  return kwargs
+
+
+def _backend_targets(targets_N, split, names):
+  """The targets as the backend sees them: relative to this device's vocabulary rows under a split (other rows'
+  targets then match no column), varying over the inputs' mesh axes."""
+  if split is not None:
+    targets_N = targets_N - split.offset.astype(targets_N.dtype)
+  return manual_axes.vary(targets_N, names)
 
 
 def _shift_targets(targets, shift, ignore_index):

@@ -66,13 +66,15 @@ from cce_jax.ops.linear_cross_entropy.stats_losses import LogitStats
 
 
 def cross_entropy_per_token(e_ND, c_VD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
-                            filter_eps, exact, config, interpret=False):
-  """Per-token loss [N] (0 where not valid_N) and LSE [N], fp32, by the Pallas kernels."""
+                            filter_eps, exact, config, interpret=False, combine=None, vocab_size=None):
+  """Per-token loss [N] (0 where not valid_N) and LSE [N], fp32, by the Pallas kernels. combine: applied to the
+  statistics before the loss (a vocabulary split's merge), with the split's `vocab_size`."""
   spec = _spec(softcap, 1.0, bool(label_smoothing), False, config, exact, filter_eps, interpret)
   if config.sort_vocabulary and _tile_skipping(spec):
     c_VD, bias_V, targets_N = _sorted_vocabulary(e_ND, c_VD, bias_V, targets_N, valid_N)
   stats = LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N))
-  return stats_losses.cross_entropy(stats, valid_N, vocab_size=c_VD.shape[0],
+  stats = stats if combine is None else combine(stats)
+  return stats_losses.cross_entropy(stats, valid_N, vocab_size=vocab_size or c_VD.shape[0],
                                     label_smoothing=label_smoothing, z_loss=z_loss)
 
 
@@ -96,10 +98,12 @@ def _sorted_vocabulary(e_ND, c_VD, bias_V, targets_N, valid_N):
   return gather(c_VD), None if bias_V is None else gather(bias_V), targets
 
 
-def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, exact, config, interpret=False):
+def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, exact, config, interpret=False,
+                       combine=None):
   """log p(target) [N] and entropy [N] of softmax(logits / temperature), fp32, by the Pallas kernels."""
   spec = _spec(softcap, 1.0 / temperature, False, True, config, exact, None, interpret)
-  return stats_losses.logprobs(LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N)))
+  stats = LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N))
+  return stats_losses.logprobs(stats if combine is None else combine(stats))
 
 
 @dataclasses.dataclass(frozen=True)

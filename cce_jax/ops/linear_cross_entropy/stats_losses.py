@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 class LogitStats(NamedTuple):
@@ -39,3 +40,19 @@ def cross_entropy(stats: LogitStats, valid_N, *, vocab_size: int, label_smoothin
 def logprobs(stats: LogitStats):
   """log p(target) [N] and entropy [N]: s_t - lse and lse - E_p[s]."""
   return stats.target_logit - stats.lse, stats.lse - stats.mean_logit
+
+
+def merge_vocab_shards(stats: LogitStats, *, axes) -> LogitStats:
+  """The statistics over the whole vocabulary from each device's over its rows of a vocabulary split over the
+  mesh axes `axes` (inside shard_map; differentiable: each shard's LSE gets its softmax share of the cotangent).
+
+  lse = log Σ_k exp(lse_k); the target logit and the logit sum add up (a target outside a shard's rows gives 0
+  there); the mean logit is Σ_k exp(lse_k - lse) mean_k.
+  """
+  ref = lax.pmax(lax.stop_gradient(stats.lse), axes)  # a shift for exp, out of the gradient
+  ref = jnp.where(jnp.isfinite(ref), ref, 0.0)
+  weight = jnp.exp(stats.lse - ref)
+  total = lax.psum(weight, axes)
+  lse = ref + jnp.log(total)
+  return LogitStats(lse, lax.psum(stats.target_logit, axes), lax.psum(stats.sum_logits, axes),
+                    lax.psum(weight / total * stats.mean_logit, axes))

@@ -49,20 +49,23 @@ class StatsSpec:
 
 
 def cross_entropy_per_token(e_ND, c_VD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
-                            filter_eps, exact, config):
-  """Per-token loss [N] (0 where not valid_N) and LSE [N], fp32, without the N×V logits."""
+                            filter_eps, exact, config, combine=None, vocab_size=None):
+  """Per-token loss [N] (0 where not valid_N) and LSE [N], fp32, without the N×V logits. combine: applied to the
+  statistics before the loss (a vocabulary split's merge), with the split's `vocab_size`."""
   spec = StatsSpec(softcap=softcap, inv_temperature=1.0, with_sum=bool(label_smoothing), with_mean=False,
                    config=config, exact=exact, filter_eps=filter_eps)
   stats = logit_stats(e_ND, c_VD, bias_V, targets_N, spec)
-  return stats_losses.cross_entropy(stats, valid_N, vocab_size=c_VD.shape[0],
+  stats = stats if combine is None else combine(stats)
+  return stats_losses.cross_entropy(stats, valid_N, vocab_size=vocab_size or c_VD.shape[0],
                                     label_smoothing=label_smoothing, z_loss=z_loss)
 
 
-def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, exact, config):
+def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, exact, config, combine=None):
   """log p(target) [N] and entropy [N] of softmax(logits / temperature), fp32, without the N×V logits."""
   spec = StatsSpec(softcap=softcap, inv_temperature=1.0 / temperature, with_sum=False, with_mean=True,
                    config=config, exact=exact, filter_eps=None)
-  return stats_losses.logprobs(logit_stats(e_ND, c_VD, bias_V, targets_N, spec))
+  stats = logit_stats(e_ND, c_VD, bias_V, targets_N, spec)
+  return stats_losses.logprobs(stats if combine is None else combine(stats))
 
 
 def logit_stats(e_ND, c_VD, bias_V, targets_N, spec: StatsSpec) -> LogitStats:

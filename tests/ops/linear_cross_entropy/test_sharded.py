@@ -1,5 +1,5 @@
-"""`cce_jax.sharded`: the op with the tokens split over a mesh matches the op on the whole batch (values, gradients,
-output splits), and rejects what it cannot split."""
+"""`cce_jax.sharded`: the op with the tokens, the vocabulary or both split over a mesh matches the op on the whole
+problem (values, gradients, output splits), and rejects what it cannot split."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ def _mesh(n=1):
   return Mesh(np.array(jax.devices()[:n]), ("data",))
 
 
-def _compare(kwargs, mesh, shape=(4, 12), d=24, v=211, rtol=1e-5, dtype=jnp.float32):
-  """Loss (or per-token losses) and gradients of the sharded op against the op, on the same inputs."""
+def _compare(kwargs, mesh, shape=(4, 12), d=24, v=211, rtol=1e-5, dtype=jnp.float32, split="batch_axes"):
+  """Loss (or per-token losses) and gradients of the sharded op (split: a dict of its axes, or the name of the one
+  argument that takes "data") against the op, on the same inputs."""
+  split = {split: "data"} if isinstance(split, str) else split
   e, c, targets, bias = helpers.make_inputs(0, shape, d, v, dtype, bias=True, ignore_frac=0.2)
   weights = jax.random.uniform(jax.random.key(1), shape, jnp.float32)
 
@@ -31,7 +33,7 @@ def _compare(kwargs, mesh, shape=(4, 12), d=24, v=211, rtol=1e-5, dtype=jnp.floa
     (_, out), grads = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True))(e, c, bias)
     return out, grads
 
-  got = run(lambda *a, **k: cce_jax.sharded.linear_cross_entropy(*a, mesh=mesh, batch_axes="data", **k))
+  got = run(lambda *a, **k: cce_jax.sharded.linear_cross_entropy(*a, mesh=mesh, **split, **k))
   want = run(cce_jax.linear_cross_entropy)
   test_shard_map._assert_close(got, want, rtol)
   return got
@@ -68,12 +70,33 @@ def test_rejects_what_it_cannot_split():
     cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=mesh2, batch_axes="data")
 
 
+def test_vocabulary_split_errors():
+  e, c, targets, _ = helpers.make_inputs(6, (4, 8), 16, 50)
+  mesh = _mesh()
+  with pytest.raises(ValueError, match="at least one mesh axis"):
+    cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=mesh)
+  with pytest.raises(ValueError, match="share"):
+    cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=mesh, batch_axes="data", vocab_axes="data")
+  with pytest.raises(ValueError, match="needs a blockwise implementation"):
+    cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=mesh, vocab_axes="data", implementation="reference")
+  with pytest.raises(ValueError, match="xla_fused' does not take a vocabulary split"):
+    cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=mesh, vocab_axes="data", implementation="xla_fused")
+  with pytest.raises(ValueError, match="low_memory=True"):
+    cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=mesh, vocab_axes="data", implementation="pallas_gpu",
+                                         interpret=True, config=cce_jax.PallasGpuConfig(low_memory=True))
+
+
+def test_vocabulary_split_on_one_device():
+  _compare(dict(reduction="mean", softcap=20.0, label_smoothing=0.1), _mesh(), split="vocab_axes")
+
+
 def test_split_over_four_devices():
   """Four CPU devices (a fresh process): the same values and gradients as the op, per-token results and dE split
   over the devices, the reduced loss and dC replicated; the batch split over both axes of a 2 × 2 mesh."""
   script = """
       import jax, numpy as np
       from jax.sharding import Mesh
+      import cce_jax
       from tests.ops.linear_cross_entropy import test_sharded as t
       assert len(jax.devices()) == 4
       mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -84,8 +107,20 @@ def test_split_over_four_devices():
         assert len({s.index for s in dc.addressable_shards}) == 1, dc.sharding
         if kw["reduction"] == "none":
           assert len({s.index for s in out.addressable_shards}) == 4, out.sharding
+      for kw in (dict(reduction="mean", softcap=15.0, label_smoothing=0.1), dict(reduction="none", z_loss=1e-3)):
+        out, (de, dc, db) = t._compare(kw, mesh, shape=(8, 6), v=212, split="vocab_axes")
+        assert len({s.index for s in dc.addressable_shards}) == 4, dc.sharding
+      grid = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+      for split in (dict(batch_axes="data", vocab_axes="model"), dict(vocab_axes=("data", "model"))):
+        out, (de, dc, db) = t._compare(dict(reduction="mean", return_lse=True), grid, shape=(4, 6), v=212,
+                                       split=split)
+      e, c, targets, _ = t.helpers.make_inputs(5, (4, 7), 16, 100)
+      got = cce_jax.sharded.token_logprobs(e, c, targets, mesh=grid, batch_axes="data", vocab_axes="model",
+                                           return_entropy=True, temperature=0.7)
+      want = cce_jax.token_logprobs(e, c, targets, return_entropy=True, temperature=0.7, implementation="reference")
+      for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
       grid = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))  # the batch over both axes of a 2-D mesh
-      import cce_jax
       e, c, targets, _ = t.helpers.make_inputs(4, (8, 5), 16, 300)
       got = cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=grid, batch_axes=("data", "fsdp"),
                                                  reduction="none")
@@ -103,3 +138,13 @@ def test_pallas_gpu_split_over_the_local_gpus():
   n = len(jax.devices())
   _compare(dict(reduction="mean", softcap=30.0, implementation="pallas_gpu"), _mesh(n), shape=(2 * n, 256),
            d=256, v=5000, rtol=2e-2, dtype=jnp.bfloat16)
+
+
+@pytest.mark.gpu
+def test_pallas_gpu_vocabulary_split_over_the_local_gpus():
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  n = len(jax.devices())
+  for filter_eps in ("auto", None):
+    _compare(dict(reduction="mean", softcap=30.0, implementation="pallas_gpu", filter_eps=filter_eps), _mesh(n),
+             shape=(4, 256), d=256, v=2560 * n, rtol=2e-2, dtype=jnp.bfloat16, split="vocab_axes")

@@ -1,11 +1,12 @@
 """The op inside `jax.shard_map`: every value there has a type naming the mesh axes it varies over (with
 check_vma=True, the default), and loop carries and Pallas kernel outputs must state theirs.
 
-The public functions make all their inputs vary over the union of the inputs' axes (`vary_inputs`): a type change,
-free at run time, whose transpose sums the gradient of an input that did not vary (a replicated classifier under
-data-parallel tokens) over those axes, as JAX does for any such input. Internally, constant loop carries and kernel
-outputs then take the axes of the hidden states (`vary`, `kernel_out`). Outside shard_map every input's set is
-empty and all of this is a no-op.
+The public functions make e, c, bias and the targets the backends see vary over the union of the inputs' axes
+(`axes`, `vary`): a type change, free at run time, whose transpose sums the gradient of an input that did not vary
+(a replicated classifier under data-parallel tokens) over those axes, as JAX does for any such input. The token
+mask and weights keep their own axes, so that per-token results merged over a vocabulary split stay invariant
+over its axes. Internally, constant loop carries and kernel outputs take the axes of the hidden states (`vary`,
+`kernel_out`). Outside shard_map every input's set is empty and all of this is a no-op.
 """
 
 from __future__ import annotations
@@ -33,11 +34,6 @@ def vary(tree, names):
     return lax.pcast(x, missing, to="varying") if missing else x
 
   return jax.tree.map(one, tree)
-
-
-def vary_inputs(*arrays):
-  """`arrays` (None kept), each varying over the union of their axes."""
-  return tuple(None if a is None else vary(a, axes(*arrays)) for a in arrays)
 
 
 def kernel_out(shapes, like):

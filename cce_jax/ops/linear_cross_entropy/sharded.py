@@ -69,8 +69,7 @@ def linear_cross_entropy(e, c, targets, *, mesh, batch_axes=(), vocab_axes=(), b
     if reduction == "mean":
       valid = api._shift_targets(targets, shift, ignore_index).reshape(-1) != ignore_index
       total = jnp.sum(api._token_weights(valid, weights, jnp.float32))
-      total = lax.psum(total, axes) if axes else total
-      loss = loss / jnp.where(total == 0, 1.0, total)
+      loss = loss / api._mean_divisor(lax.psum(total, axes) if axes else total)  # the op's rule for a 0 total
     return (loss, lse) if return_lse else loss
 
   loss_spec = tok if reduction == "none" else P()

@@ -3,7 +3,9 @@
 `text_source` turns a config's `data` string into (fingerprint, train texts, validation texts). The default
 corpus exists on any machine with Python: the `.py` files of the standard library (test suites and
 site-packages left out). Files are split into train and validation by a hash of their path relative to the
-corpus root, so the split is the same on every run and does not depend on file order.
+corpus root, so the split is the same on every run and does not depend on file order; files are never cut, so
+a corpus of one file has no validation split (a warning says so). Files are read as UTF-8; undecodable bytes
+become U+FFFD, and a warning gives their share (a binary file is not a text corpus).
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import logging
 import os
 import sysconfig
+
+from cce_jax.data.errors import DataError
 
 STDLIB = "stdlib"
 
@@ -47,7 +52,7 @@ def stdlib_corpus() -> Corpus:
 def glob_corpus(pattern: str) -> Corpus:
   files = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(f))
   if not files:
-    raise FileNotFoundError(f"config.data={pattern!r} matches no files")
+    raise DataError(f"config.data={pattern!r} matches no files")
   return Corpus(root=os.path.commonpath([os.path.dirname(f) for f in files]), files=tuple(files))
 
 
@@ -57,15 +62,22 @@ def get_corpus(spec: str) -> Corpus:
 
 
 def split(corpus: Corpus, val_fraction: float) -> tuple[list[str], list[str]]:
-  """(train files, validation files) by a hash of each relative path; both non-empty when possible."""
+  """(train files, validation files) by a hash of each relative path; both non-empty when possible (training
+  first), with a warning when val_fraction > 0 yet the validation split is empty (a corpus of one file)."""
   if not 0 <= val_fraction < 1:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
   train, val = [], []
   for f in corpus.files:
     digest = hashlib.sha256(os.path.relpath(f, corpus.root).encode()).digest()
     (val if int.from_bytes(digest[:8], "little") / 2**64 < val_fraction else train).append(f)
+  if not train and val:
+    train.append(val.pop())
   if val_fraction > 0 and not val and len(train) > 1:
     val.append(train.pop())
+  if val_fraction > 0 and not val:
+    logging.warning("the corpus is one file (%s): files are split whole between training and validation, so there "
+                    "is no validation split and no validation loss; give several files (or val_fraction=0 to "
+                    "silence this)", train[0])
   return train, val
 
 
@@ -104,13 +116,22 @@ def _hf_source(spec, val_fraction, budget, vbudget):
 
 
 def read_texts(files, max_bytes: int | None = None) -> list[str]:
-  """The files' texts (UTF-8, undecodable bytes replaced), stopping once max_bytes are read."""
-  texts, total = [], 0
+  """The files' texts (UTF-8, undecodable bytes replaced), stopping once max_bytes are read; a warning gives the
+  share of undecodable bytes, if any, and the file with the most."""
+  texts, total, bad, worst = [], 0, 0, (0, "")
   for f in files:
     if max_bytes is not None and total >= max_bytes:
       break
     with open(f, "rb") as fh:
       data = fh.read()
     total += len(data)
-    texts.append(data.decode("utf-8", errors="replace"))
+    try:
+      texts.append(data.decode("utf-8"))
+    except UnicodeDecodeError:
+      texts.append(data.decode("utf-8", errors="replace"))
+      n = len(data) - len(data.decode("utf-8", errors="ignore").encode("utf-8"))
+      bad, worst = bad + n, max(worst, (n, f))
+  if bad:
+    logging.warning("%.1f%% of the %s bytes read from %d file(s) are not UTF-8 text (replaced by U+FFFD; most in %s): "
+                    "config.data should name text files", 100 * bad / total, f"{total:,}", len(texts), worst[1])
   return texts

@@ -9,6 +9,7 @@ drawn in this epoch), so a run restored from a checkpoint sees exactly the batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import numpy as np
 
 from cce_jax.data import corpus as corpus_lib
 from cce_jax.data import tokenizer as tokenizer_lib
+from cce_jax.data.errors import DataError
 
 
 @dataclasses.dataclass
@@ -34,14 +36,25 @@ def prepare(data: str, vocab_size: int, cache_dir: str, *, val_fraction: float =
   data: "stdlib", a glob of text files, or "hf:NAME[:SPLIT[:COLUMN]]" (a Hugging Face dataset; needs the
   `datasets` package and network access). max_bytes bounds the text read (train and validation together).
   Cached under cache_dir by (corpus fingerprint, vocab_size, val_fraction, max_bytes, tokenizer): tokenizer.json
-  and the token streams as .npy. tokenizer_path: use this tokenizer (a resumed run passes its own copy).
+  and the token streams as .npy.
+  tokenizer_path: a run's own copy of its tokenizer. If it exists it is used (a resumed run tokenises exactly as
+  before even if the cache is gone) once `tokenizer.check_trained_on` has found it trained on this `data` at this
+  `vocab_size` (DataError naming both otherwise); if not, the tokenizer is copied there with its record.
   """
   fingerprint, train_texts, val_texts = corpus_lib.text_source(data, val_fraction, max_bytes)
-  tokenizer_key = _file_digest(tokenizer_path) if tokenizer_path else None
-  key = hashlib.sha256(json.dumps([fingerprint, vocab_size, val_fraction, max_bytes, tokenizer_key]).encode())
+  trained_on = {"data": _normalise(data), "vocab_size": vocab_size, "max_bytes": max_bytes,
+                "val_fraction": val_fraction, "corpus_fingerprint": fingerprint}
+  own = tokenizer_path if tokenizer_path and os.path.exists(tokenizer_path) else None
+  if own:
+    tokenizer_lib.check_trained_on(own, trained_on)
+  key = hashlib.sha256(json.dumps([fingerprint, vocab_size, val_fraction, max_bytes,
+                                   _file_digest(own) if own else None]).encode())
   folder = os.path.join(os.path.expanduser(cache_dir), key.hexdigest()[:16])
-  tok_path = tokenizer_path or os.path.join(folder, "tokenizer.json")
-  tok = tokenizer_lib.load_or_train(tok_path, train_texts, vocab_size)
+  tok_path = own or os.path.join(folder, "tokenizer.json")
+  train_texts = functools.cache(train_texts)  # read once for the tokenizer and the token stream
+  tok = tokenizer_lib.load_or_train(tok_path, train_texts, vocab_size, trained_on)
+  if tokenizer_path and not own:
+    tokenizer_lib.copy(tok_path, tokenizer_path, trained_on)
   streams = {}
   for name, texts in (("train", train_texts), ("val", val_texts)):
     path = os.path.join(folder, f"{name}.npy")
@@ -51,8 +64,15 @@ def prepare(data: str, vocab_size: int, cache_dir: str, *, val_fraction: float =
       np.save(tmp, encode(tok, texts()))
       os.replace(tmp, path)  # atomic: concurrent or killed runs never leave half a file
     streams[name] = np.load(path, mmap_mode="r")
-  return TokenisedCorpus(train=streams["train"], val=streams["val"], tokenizer_path=tok_path,
+  return TokenisedCorpus(train=streams["train"], val=streams["val"], tokenizer_path=tokenizer_path or tok_path,
                          vocab_size=vocab_size)
+
+
+def _normalise(data: str) -> str:
+  """The data spec as recorded: a glob of files as an absolute pattern, "stdlib" and "hf:..." as given."""
+  if data == corpus_lib.STDLIB or data.startswith("hf:"):
+    return data
+  return os.path.abspath(os.path.expanduser(data))
 
 
 def _file_digest(path):
@@ -82,8 +102,8 @@ class Batches:
     self.num_sequences = max(0, (len(tokens) - 1) // seq_len)
     self.batches_per_epoch = self.num_sequences // batch_size
     if self.batches_per_epoch < 1:
-      raise ValueError(f"{len(tokens)} tokens give {self.num_sequences} sequences of {seq_len + 1} tokens: fewer "
-                       f"than one batch of {batch_size}; use more data, a shorter seq_len or a smaller batch")
+      raise DataError(f"{len(tokens)} tokens give {self.num_sequences} sequences of {seq_len + 1} tokens: fewer "
+                      f"than one batch of {batch_size}; use more data, a shorter seq_len or a smaller batch")
     self.epoch, self.step = 0, 0
     self._order = None
 

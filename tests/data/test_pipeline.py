@@ -27,7 +27,7 @@ def test_glob_corpus(tmp_path):
     (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 50)
   corpus = corpus_lib.get_corpus(str(tmp_path / "*.txt"))
   assert len(corpus.files) == 3
-  with pytest.raises(FileNotFoundError, match="matches no files"):
+  with pytest.raises(data.DataError, match="matches no files"):
     corpus_lib.get_corpus(str(tmp_path / "*.md"))
 
 

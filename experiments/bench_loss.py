@@ -1,4 +1,4 @@
-r"""Benchmark of the fused loss against the materialised one, following the protocol in BENCHMARK.md.
+r"""Benchmark of the fused loss against the materialised one, following the "Protocol" section of BENCHMARKS.md.
 
   python experiments/bench_loss.py --shapes=gemma2_2b,llama3_8b_4k --regimes=random,peaked --out=/tmp/bench
 
@@ -13,23 +13,26 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 
-from cce_jax.ops.linear_cross_entropy import benchmark_torch
-from cce_jax.ops.linear_cross_entropy.benchmark import SHAPES
-from cce_jax.ops.linear_cross_entropy.benchmark import load_lm
-from cce_jax.ops.linear_cross_entropy.benchmark import loss_fn
-from cce_jax.ops.linear_cross_entropy.benchmark import make_inputs
-from cce_jax.ops.linear_cross_entropy.benchmark import median_ms
-from cce_jax.ops.linear_cross_entropy.benchmark import rel_err
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: benchmarks/
+# pylint: disable=wrong-import-position
+from benchmarks.linear_cross_entropy import torch_anchors
+from benchmarks.linear_cross_entropy.harness import loss_fn
+from benchmarks.linear_cross_entropy.harness import median_ms
+from benchmarks.linear_cross_entropy.harness import rel_err
+from benchmarks.linear_cross_entropy.inputs import SHAPES
+from benchmarks.linear_cross_entropy.inputs import load_lm
+from benchmarks.linear_cross_entropy.inputs import make_inputs
 
 JAX_METHODS = ("naive", "xla_chunked", "xla_fused", "xla_fused_exact", "pallas_gpu", "pallas_gpu_sparse",
                "pallas_gpu_sorted", "pallas_gpu_triton", "pallas_gpu_lowmem", "pallas_gpu_full", "pallas_gpu_exact")
-METHODS = JAX_METHODS + benchmark_torch.ANCHORS
+METHODS = JAX_METHODS + torch_anchors.ANCHORS
 
 _SHAPES = flags.DEFINE_list("shapes", ["gemma2_2b"], f"Shapes from {sorted(SHAPES)}.")
 _REGIMES = flags.DEFINE_list("regimes", ["random", "peaked"],
@@ -37,7 +40,7 @@ _REGIMES = flags.DEFINE_list("regimes", ["random", "peaked"],
 _LM_FILE = flags.DEFINE_string("lm_file", None, "An .npz from experiments/dump_hidden.py for the lm regime.")
 _METHODS = flags.DEFINE_list(
     "methods", list(METHODS),
-    f"Methods from {METHODS}; the PyTorch anchors ({', '.join(benchmark_torch.ANCHORS)}) are skipped with a note "
+    f"Methods from {METHODS}; the PyTorch anchors ({', '.join(torch_anchors.ANCHORS)}) are skipped with a note "
     "where torch, a CUDA GPU or their package is missing.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement.")
@@ -62,8 +65,8 @@ def run_one(shape_name, regime, methods, dtype, repeats, accuracy):
     del ref_fn
   rows = []
   for method in methods:
-    if method in benchmark_torch.ANCHORS:
-      measure = lambda with_results, m=method: benchmark_torch.measure(m, e, c, targets, softcap, repeats)
+    if method in torch_anchors.ANCHORS:
+      measure = lambda with_results, m=method: torch_anchors.measure(m, e, c, targets, softcap, repeats)
     else:
       measure = _jax_measure(method, softcap, e, c, targets, repeats)
     row = dict(shape=shape_name, regime=regime, method=method, n=n, d=d, v=v, softcap=softcap)
@@ -94,7 +97,7 @@ def _fill_row(row, measure, gemm_tflop, ref):
   """Times, throughput, memory and errors of one method into `row` (or the error it raised); prints it.
 
   measure(with_results) -> (fwd ms, fwd+bwd ms, memory MiB, (loss, dE, dC) or None). For the PyTorch anchors the
-  memory is torch's extra peak (`benchmark_torch.measure`), for JAX methods the XLA temporaries.
+  memory is torch's extra peak (`torch_anchors.measure`), for JAX methods the XLA temporaries.
   """
   try:
     fwd_ms, fwd_bwd_ms, mem_mib, results = measure(ref is not None)
@@ -139,7 +142,7 @@ def main(argv):
   for m in _METHODS.value:
     if m not in METHODS:
       raise app.UsageError(f"unknown method {m!r}; choose from {METHODS}")
-  anchors = benchmark_torch.available()
+  anchors = torch_anchors.available()
   methods = [m for m in _METHODS.value if m in JAX_METHODS or m in anchors]
   for m in sorted(set(_METHODS.value) - set(methods)):
     print(f"skipping {m}: torch with CUDA or its package is not importable here", flush=True)

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 import cce_jax
-from cce_jax.ops.linear_cross_entropy.benchmark import median_ms
+from cce_jax.ops.linear_cross_entropy.timing import median_ms
 
 _N = flags.DEFINE_integer("tokens", 2048, "Tokens (batch × sequence).")
 _D = flags.DEFINE_integer("hidden", 256, "Hidden size.")

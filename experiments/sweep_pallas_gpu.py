@@ -9,7 +9,9 @@ A config is `{block_n}x{block_v}x{block_d}w{num_warps}s{num_stages}`, optionally
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 from absl import app
 from absl import flags
@@ -17,9 +19,13 @@ import jax
 import jax.numpy as jnp
 
 import cce_jax
-from cce_jax.ops.linear_cross_entropy import benchmark as bench_loss
 
-_SHAPE = flags.DEFINE_string("shape", "gemma2_2b", "Shape name from bench_loss.SHAPES.")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: benchmarks/
+# pylint: disable=wrong-import-position
+from benchmarks.linear_cross_entropy import harness
+from benchmarks.linear_cross_entropy import inputs
+
+_SHAPE = flags.DEFINE_string("shape", "gemma2_2b", "Shape name from benchmarks/linear_cross_entropy/inputs.py.")
 _REGIME = flags.DEFINE_string("regime", "peaked", "Input regime.")
 _CONFIGS = flags.DEFINE_list("configs", ["64x128x64w4s3", "128x128x64w8s3"], "Tile configs to time.")
 _FILTER = flags.DEFINE_list("filter_eps", ["auto"], "filter_eps values to try ('auto', 'none' or floats).")
@@ -37,10 +43,10 @@ def parse_config(text):
 
 def main(argv):
   del argv
-  n, d, v, softcap = bench_loss.SHAPES[_SHAPE.value]
-  e, c, t = bench_loss.make_inputs(n, d, v, jnp.bfloat16, _REGIME.value)
+  n, d, v, softcap = inputs.SHAPES[_SHAPE.value]
+  e, c, t = inputs.make_inputs(n, d, v, jnp.bfloat16, _REGIME.value)
   ref_loss, (ref_de, ref_dc) = jax.jit(jax.value_and_grad(
-      bench_loss.loss_fn("reference", softcap), argnums=(0, 1)))(e.astype(jnp.float32), c.astype(jnp.float32), t)
+      harness.loss_fn("reference", softcap), argnums=(0, 1)))(e.astype(jnp.float32), c.astype(jnp.float32), t)
   print(f"{jax.devices()[0].device_kind} jax {jax.__version__} {_SHAPE.value} {_REGIME.value}", flush=True)
   lines = ["| config | filter_eps | fwd ms | fwd+bwd ms | err loss | err dE | err dC |",
            "|---|---|---|---|---|---|---|"]
@@ -53,10 +59,10 @@ def main(argv):
     try:
       fwd = jax.jit(f)
       both = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
-      fwd_ms = bench_loss.median_ms(fwd, (e, c), _REPEATS.value)
-      both_ms = bench_loss.median_ms(both, (e, c), _REPEATS.value)
+      fwd_ms = harness.median_ms(fwd, (e, c), _REPEATS.value)
+      both_ms = harness.median_ms(both, (e, c), _REPEATS.value)
       loss, (de, dc) = both(e, c)
-      errs = [bench_loss.rel_err(x, r) for x, r in ((loss, ref_loss), (de, ref_de), (dc, ref_dc))]
+      errs = [harness.rel_err(x, r) for x, r in ((loss, ref_loss), (de, ref_de), (dc, ref_dc))]
       line = (f"| {text} | {feps} | {fwd_ms:.2f} | {both_ms:.2f} | "
               + " | ".join(f"{x:.2e}" for x in errs) + " |")
     except Exception as err:  # pylint: disable=broad-except

@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from cce_jax.ops.linear_cross_entropy import benchmark
+from benchmarks.linear_cross_entropy import harness
+from benchmarks.linear_cross_entropy import inputs
 from cce_jax.training import config as config_lib
 from cce_jax.training import hidden_states
 from cce_jax.training import metrics as metrics_lib
@@ -96,7 +97,7 @@ def test_dump_hidden_states_for_the_benchmark(straight_run, tmp_path):
   out = str(tmp_path / "hidden.npz")
   info = hidden_states.dump(straight_run, out, tokens=100)
   assert info["step"] == 12 and info["e"] == (100, 32) and info["c"] == (320, 32)
-  e, c, targets = benchmark.load_lm(out, np.float32)
+  e, c, targets = inputs.load_lm(out, np.float32)
   records = metrics_lib.read_metrics(straight_run)
-  loss = float(benchmark.naive_loss(e, c, targets, None))
+  loss = float(harness.naive_loss(e, c, targets, None))
   assert abs(loss - records[-1]["val_loss"]) < 0.3  # the same model on (part of) the same validation data

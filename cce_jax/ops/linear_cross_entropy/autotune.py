@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cce_jax.ops.linear_cross_entropy import benchmark
 from cce_jax.ops.linear_cross_entropy import mosaic_pipeline
+from cce_jax.ops.linear_cross_entropy import timing
 from cce_jax.ops.linear_cross_entropy.api import linear_cross_entropy
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 
@@ -83,7 +83,7 @@ def autotune(e, c, targets, *, softcap=None, filter_eps="auto", candidates=None,
   candidates = list(candidates)
   if not candidates or not all(isinstance(k, PallasGpuConfig) for k in candidates):
     raise ValueError("candidates must be a non-empty list of PallasGpuConfig")
-  timer = timer or (lambda fn, args: benchmark.median_ms(fn, args, repeats))
+  timer = timer or (lambda fn, args: timing.median_ms(fn, args, repeats))
   results, reference = [], None
   for cfg in candidates:
     loss_and_grad = jax.jit(jax.value_and_grad(

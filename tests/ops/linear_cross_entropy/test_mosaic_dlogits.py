@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.linear_cross_entropy import inputs
 import cce_jax
 from cce_jax import PallasGpuConfig
-from cce_jax.ops.linear_cross_entropy import benchmark
 from cce_jax.ops.linear_cross_entropy import mosaic_dlogits
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
@@ -93,7 +93,7 @@ def _grads(e, c, targets, softcap, kernel, **kw):
                                            (9000, 256, 16645, None)])
 @pytest.mark.parametrize("mode", [dict(exact=True), dict(filter_eps=None)])
 def test_compiled_mosaic_backward_matches_xla_and_repeats_bitwise(n, d, v, softcap, mode):
-  e, c, targets = benchmark.make_inputs(n, d, v, jnp.bfloat16, "random", seed=n)
+  e, c, targets = inputs.make_inputs(n, d, v, jnp.bfloat16, "random", seed=n)
   runs = [_grads(e, c, targets, softcap, "mosaic", **mode) for _ in range(2)]
   xla = _grads(e, c, targets, softcap, "xla", **mode)
   for a, b, x in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1]), jax.tree.leaves(xla)):

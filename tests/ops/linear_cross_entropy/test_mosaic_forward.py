@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.linear_cross_entropy import inputs
 import cce_jax
 from cce_jax import PallasGpuConfig
-from cce_jax.ops.linear_cross_entropy import benchmark
 from cce_jax.ops.linear_cross_entropy import mosaic_forward
 from cce_jax.ops.linear_cross_entropy import pallas_gpu
 from tests.ops.linear_cross_entropy import helpers
@@ -152,7 +152,7 @@ def _compiled(e, c, targets, softcap, kernel, **kw):
                                            (4096, 1024, 151936, None), (16, 16, 264, None)])
 @pytest.mark.parametrize("filter_eps", ["auto", None])
 def test_compiled_mosaic_matches_triton(n, d, v, softcap, filter_eps):
-  e, c, targets = benchmark.make_inputs(n, d, v, jnp.bfloat16, "peaked", seed=n)
+  e, c, targets = inputs.make_inputs(n, d, v, jnp.bfloat16, "peaked", seed=n)
   outs = [_compiled(e, c, targets, softcap, kernel, filter_eps=filter_eps) for kernel in ("mosaic", "triton")]
   loss, grads = outs[0][0], jax.tree.leaves(outs[0][1])
   assert abs(float(loss) - float(outs[1][0])) <= 1e-5 * abs(float(outs[1][0])) + 1e-6
@@ -163,7 +163,7 @@ def test_compiled_mosaic_matches_triton(n, d, v, softcap, filter_eps):
 @pytest.mark.gpu
 @needs_hopper
 def test_compiled_mosaic_under_vmap_and_logprobs():
-  e, c, targets = benchmark.make_inputs(2 * 300, 512, 4096, jnp.bfloat16, "random", seed=9)
+  e, c, targets = inputs.make_inputs(2 * 300, 512, 4096, jnp.bfloat16, "random", seed=9)
   e, targets = e.reshape(2, 300, 512), targets.reshape(2, 300)
   f = lambda e, t: cce_jax.linear_cross_entropy(e, c, t, implementation="pallas_gpu", config=MOSAIC)
   np.testing.assert_allclose(jax.jit(jax.vmap(f))(e, targets), [f(e[0], targets[0]), f(e[1], targets[1])],

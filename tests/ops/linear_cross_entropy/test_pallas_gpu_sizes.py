@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.linear_cross_entropy import harness
+from benchmarks.linear_cross_entropy import inputs
 import cce_jax
-from cce_jax.ops.linear_cross_entropy import benchmark
 from tests.ops.linear_cross_entropy import helpers
 
 pytestmark = [
@@ -38,13 +39,13 @@ def _reference(e, c, targets, softcap):
 
 
 def _errors(out, ref):
-  return [benchmark.rel_err(x, r) for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref))]
+  return [harness.rel_err(x, r) for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref))]
 
 
 @pytest.fixture(scope="module")
 def table1():
-  n, d, v, softcap = benchmark.SHAPES["gemma2_2b"]
-  e, c, targets = benchmark.make_inputs(n, d, v, jnp.bfloat16, "peaked", seed=1)
+  n, d, v, softcap = inputs.SHAPES["gemma2_2b"]
+  e, c, targets = inputs.make_inputs(n, d, v, jnp.bfloat16, "peaked", seed=1)
   return e, c, targets, softcap, _reference(e, c, targets, softcap)
 
 
@@ -62,7 +63,7 @@ def test_table1_shape_against_reference(table1, mode):
 @pytest.mark.parametrize("mode", ["exact", "filtered"])
 def test_bitwise_deterministic(mode):
   """Exact mode (dense GEMMs) and the filtered tile-skipping backward (no atomics) repeat bitwise."""
-  e, c, targets = benchmark.make_inputs(3000, 1000, 50021, jnp.bfloat16, "peaked", seed=2)
+  e, c, targets = inputs.make_inputs(3000, 1000, 50021, jnp.bfloat16, "peaked", seed=2)
   kw = dict(exact=True) if mode == "exact" else dict(config=cce_jax.PallasGpuConfig(dense_backward_above=1.0,
                                                                                                 low_memory=False))
   runs = [_loss_and_grads(e, c, targets, 30.0, implementation="pallas_gpu", **kw) for _ in range(2)]
@@ -74,7 +75,7 @@ def test_bitwise_deterministic(mode):
 def test_classifier_over_2_31_elements(filter_eps):
   n, d, v = 64, 8192, 262147
   assert v * d > 2**31
-  e, c, targets = benchmark.make_inputs(n, d, v, jnp.bfloat16, "peaked", seed=3)
+  e, c, targets = inputs.make_inputs(n, d, v, jnp.bfloat16, "peaked", seed=3)
   # The last vocabulary rows are the ones whose offsets overflow int32: make them matter.
   targets = targets.at[:8].set(jnp.arange(v - 8, v))
   ref = _reference(e, c, targets, None)

@@ -236,9 +236,9 @@ def test_low_memory_through_the_mosaic_forward():
 def test_compiled_low_memory_matches_the_default(regime, softcap):
   """Compiled (the Mosaic forward on Hopper): the default tile-skipping backward's loss and gradients, windows
   of 64 tiles, run to run bitwise identical."""
-  from cce_jax.ops.linear_cross_entropy import benchmark
+  from benchmarks.linear_cross_entropy import inputs
   n, d, v = 2048, 512, 32000
-  e, c, targets = benchmark.make_inputs(n, d, v, jnp.bfloat16, regime)
+  e, c, targets = inputs.make_inputs(n, d, v, jnp.bfloat16, regime)
   cfg = PallasGpuConfig.for_shape(n, v, d, softcap=softcap, filtered=True)
   assert cfg.grad_block_n == 32  # both modes skip the same tiles up to their bounds
   want = helpers.pallas_value_and_grad(e, c, targets, softcap, dataclasses.replace(cfg, dense_backward_above=1.0))
@@ -257,8 +257,8 @@ def test_compiled_low_memory_matches_the_default(regime, softcap):
 def test_low_memory_loss_and_gradient_temporaries_under_16_mib(shape):
   """low_memory's compiled loss + gradient at the benchmark shapes: at most 16 MiB of temporaries beyond its
   inputs and the gradients (naive XLA: 3-20 GB)."""
-  from cce_jax.ops.linear_cross_entropy import benchmark
-  n, d, v, softcap = benchmark.SHAPES[shape]
+  from benchmarks.linear_cross_entropy import inputs
+  n, d, v, softcap = inputs.SHAPES[shape]
   cfg = dataclasses.replace(PallasGpuConfig.for_shape(n, v, d, softcap=softcap, filtered=True), low_memory=True)
   f = lambda e, c, t: cce_jax.linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu",
                                                    config=cfg)

@@ -4,7 +4,8 @@
 - `apple_cce_exact`: the same with `filter_eps=None` (no gradient filtering);
 - `liger`: Liger's `LigerFusedLinearCrossEntropyFunction` (chunked; it computes the gradients in its forward).
 
-Only importable where torch with CUDA and the packages are installed; `available()` says which are.
+Usable where torch with CUDA and the packages are installed (torch is imported on first use); `available()` says
+which anchors are.
 """
 
 from __future__ import annotations

@@ -22,15 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from cce_jax import models
+from cce_jax.training import loss_keywords
 from cce_jax.training import optim
 from cce_jax.training import step as step_lib
-from cce_jax.training import trainer
 
 _VOCAB = flags.DEFINE_list("vocab", ["128256", "256000"], "Vocabulary sizes.")
 _LOSSES = flags.DEFINE_list(
     "losses", ["auto", "naive"], f"Loss implementations from {models.LOSS_IMPLEMENTATIONS}, optionally with the "
-    f"fused loss's gradient mode after a colon (one of {sorted(trainer.LOSS_GRADIENTS)}; default filtered), e.g. "
-    "auto:exact.")
+    f"fused loss's gradient mode after a colon (one of {tuple(loss_keywords.LOSS_GRADIENTS)}; default "
+    f"{loss_keywords.DEFAULT_LOSS_GRADIENT}, as in training), e.g. auto:filtered.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step for the throughput comparison.")
 _SEQ = flags.DEFINE_integer("seq_len", 1024, "Tokens per sequence.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -64,7 +64,7 @@ def _build(mcfg, loss, init=True):
   """loss: "IMPLEMENTATION[:GRADIENT]"."""
   implementation, _, gradient = loss.partition(":")
   return step_lib.build(mcfg, optim.OptimConfig(steps=100), loss=implementation, init=init,
-                        loss_options=trainer.LOSS_GRADIENTS[gradient or "filtered"])
+                        loss_gradient=gradient or loss_keywords.DEFAULT_LOSS_GRADIENT)
 
 
 def max_batch(mcfg, loss, limit_bytes):

@@ -5,7 +5,9 @@ r"""Trains a decoder LM with the fused loss; resumes from --workdir automaticall
 
 Writes {workdir}/checkpoints (Orbax, async, keep-N, with the data-iterator state), {workdir}/metrics/metrics.jsonl
 (+ TensorBoard events when the `tensorboard` package is installed), {workdir}/plots/loss.png and the run's
-tokenizer. Each preset's docstring gives its hardware, time and expected loss.
+tokenizer. Each preset's docstring gives its hardware, time and expected loss. Every config field (name, default,
+meaning), the run directory, resuming and these flags: docs/training.md. A bad config, an unknown field, a
+workdir that is a file or holds a tokenizer trained on other data end the run before it starts, with one line.
 
 Several processes (hosts) train one run through JAX's multi-controller runtime: start the same command in every
 process with --distributed (cluster environments such as SLURM, TPU VMs or Kubernetes with a coordinator are
@@ -17,6 +19,9 @@ process 0 writes the metrics; --workdir must be the same shared directory for al
 from __future__ import annotations
 
 import logging as py_logging
+import os
+import re
+import sys
 
 from absl import app
 from absl import flags
@@ -25,10 +30,13 @@ from ml_collections import config_flags
 
 import jax
 
+from cce_jax import data as data_lib
 from cce_jax.training import trainer
+from cce_jax.training import validate as validate_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file from experiments/configs/.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A config file from experiments/configs/; override its fields with --config.NAME=VALUE "
+    "(every field: docs/training.md).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds checkpoints).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Initialise JAX's multi-process runtime (cluster "
                                   "auto-detection unless --coordinator_address is given).")
@@ -36,6 +44,49 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+
+
+def _fail(message):
+  """One line on stderr and exit status 2, as a usage error (no traceback, no page of help)."""
+  sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {message}\n")
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with one line for an unknown --config.NAME (and the closest names), a bad value, or a
+  config file that does not load."""
+  names = []
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if match := _OVERRIDE.match(arg):
+      names.append(match.group(1))
+  try:
+    validate_lib.check_override_names(names)
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # a config file that failed to load raises here, not while parsing
+  except validate_lib.ConfigError as err:
+    _fail(err)
+  except flags.Error as err:
+    _fail(str(err).replace("\n", " "))
+  except (OSError, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as err:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    _fail(f"--config: {lines[-1] if lines else type(err).__name__}")
+  return rest
+
+
+def _configure_logging():
+  """INFO unless --verbosity says otherwise; JAX's backend probes ("Unable to initialize backend 'tpu'") and
+  Orbax's save phases only with --verbosity=1."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.INFO)
+  if logging.get_verbosity() < logging.DEBUG:
+    py_logging.getLogger("jax._src.xla_bridge").setLevel(py_logging.WARNING)
+    logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
 class _QuietOrbax(py_logging.Filter):
@@ -61,12 +112,15 @@ def _initialize_distributed():
 
 def main(argv):
   del argv
-  _initialize_distributed()
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietOrbax())
-  record = trainer.train(_CONFIG.value, _WORKDIR.value)
+  _configure_logging()
+  try:
+    validate_lib.validate(_CONFIG.value)
+    _initialize_distributed()
+    record = trainer.train(_CONFIG.value, _WORKDIR.value)
+  except (validate_lib.ConfigError, data_lib.DataError) as err:
+    _fail(err)
   print(f"final: {record}", flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -70,6 +70,10 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The saved steps, readable or not."""
+    return sorted(self.manager.all_steps())
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -1,12 +1,16 @@
-"""The training config: every field with its default; presets in experiments/configs/ override some."""
+"""The training config: every field with its default (docs/training.md describes each); presets in
+experiments/configs/ override some. `model_config` turns it into the model's own config."""
 
 import ml_collections
+
+from cce_jax import models
+from cce_jax.training.loss_keywords import DEFAULT_LOSS_GRADIENT
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Data: "stdlib" (this Python's standard-library sources, no download) or a glob of text files.
+  # Data: "stdlib" (this Python's standard-library sources, no download), a glob of text files or "hf:NAME".
   c.data = "stdlib"
   c.data_cache = "~/.cache/cce_jax/data"
   c.max_bytes = 0  # 0: the whole corpus
@@ -23,11 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   # "auto" (fused: Pallas on NVIDIA GPUs, blockwise XLA elsewhere), "xla_chunked", "pallas_gpu", "xla_fused"
   # (gradient formed in the forward pass over row blocks of logits; no filtering) or "naive".
   c.loss = "auto"
-  # Gradient of the fused loss: "full" (every logit tile), "exact" (the same, HIGHEST precision, deterministic)
-  # or "filtered" (tiles whose softmax stays below 2^-12 skip their gradient GEMMs: faster, but it drops the
-  # small-probability mass; on the `small` preset it trained to a validation loss ~0.013 worse than naive at the
-  # same seed, where "full"/"exact" matched naive within 0.005; BENCHMARKS.md).
-  c.loss_gradient = "full"
+  # Gradient of the fused loss: "full", "exact" or "filtered" (loss_keywords.py; docs/training.md).
+  c.loss_gradient = DEFAULT_LOSS_GRADIENT
   c.fsdp = False
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
@@ -37,3 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_s = 10.0
   c.plot = True
   return c
+
+
+def model_config(cfg) -> models.Config:
+  """The decoder's config from a training config (V = vocab_size, T = seq_len)."""
+  m = cfg.model
+  return models.Config(V=cfg.vocab_size, D=m.D, H=m.H, KV=m.KV, L=m.L, F=m.F, T=cfg.seq_len, dtype=m.dtype,
+                       tie_embeddings=m.tie_embeddings, remat=m.remat)

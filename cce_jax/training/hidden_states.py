@@ -6,14 +6,19 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from cce_jax import data as data_lib
 from cce_jax.training import checkpoint as checkpoint_lib
-from cce_jax.training import optim
-from cce_jax.training import step as step_lib
+from cce_jax.training import config as config_lib
 from cce_jax.training import trainer
+
+
+def run_config(saved: dict):
+  """The training config a checkpoint saved, over base_config's defaults (for fields added since)."""
+  cfg = config_lib.base_config()
+  cfg.update(saved)
+  return cfg
 
 
 def dump(workdir: str, out: str, tokens: int) -> dict:
@@ -22,20 +27,19 @@ def dump(workdir: str, out: str, tokens: int) -> dict:
   and the step to the .npz `out`; returns the step and the shapes."""
   ckpt = checkpoint_lib.Checkpointer(workdir, every=0, keep=1 << 30)
   try:
-    # The run's config comes from its checkpoint; build its state's structure to restore into.
-    cfg = ml_collections.ConfigDict(ckpt.latest_meta()["config"])
-    steps = step_lib.build(trainer.model_config(cfg), optim.OptimConfig.from_config(cfg), loss=cfg.loss,
-                           seed=cfg.seed, init=False, loss_options=trainer.loss_options(cfg))
-    step, state, _, _ = ckpt.restore_latest(steps.state)
+    cfg = run_config(ckpt.latest_meta()["config"])
+    run = trainer.setup(cfg, workdir)
+    restored = ckpt.restore_latest(run.state)
   finally:
     ckpt.close()
-  model = steps.codec.to_model(state["params"])
-  corpus = data_lib.prepare(cfg.data, cfg.vocab_size, cfg.data_cache, val_fraction=cfg.val_fraction,
-                            max_bytes=cfg.max_bytes or None, tokenizer_path=os.path.join(workdir, "tokenizer.json"))
+  if restored is None:
+    raise FileNotFoundError(f"no readable checkpoint in {ckpt.directory}")
+  step, state, _, _ = restored
+  model = run.codec.to_model(state["params"])
   per_batch = cfg.batch_size * cfg.seq_len
   hidden_fn = jax.jit(lambda inputs: model(inputs).astype(jnp.float32))
   es, ts = [], []
-  for batch in data_lib.eval_batches(corpus.val, cfg.seq_len, cfg.batch_size, max(1, -(-tokens // per_batch))):
+  for batch in data_lib.eval_batches(run.val_tokens, cfg.seq_len, cfg.batch_size, max(1, -(-tokens // per_batch))):
     es.append(np.asarray(hidden_fn(batch["inputs"])).reshape(-1, cfg.model.D))
     ts.append(batch["targets"].reshape(-1))
   if not es:

@@ -90,6 +90,16 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def record_at(workdir: str, step: int) -> dict:
+  """The metrics record of `step` (the final one of a finished run), {} when metrics.jsonl has none."""
+  path = os.path.join(workdir, "metrics", "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip() and _record_step(line) == step]
+  return json.loads(lines[-1]) if lines else {}
+
+
 def plot_losses(workdir: str) -> str | None:
   """Writes {workdir}/plots/loss.png (train and validation loss against step); None without matplotlib."""
   try:

@@ -19,6 +19,8 @@ from jax.sharding import PartitionSpec as P
 
 from cce_jax import models
 from cce_jax.training import optim
+from cce_jax.training.loss_keywords import DEFAULT_LOSS_GRADIENT
+from cce_jax.training.loss_keywords import lm_loss_keywords
 from cce_jax.training.params import ParamCodec
 
 
@@ -41,11 +43,12 @@ def _param_spec(shape, n_devices, fsdp):
   return P()
 
 
-def build(mcfg: models.Config, ocfg: optim.OptimConfig, *, loss: str, fsdp: bool = False, seed: int = 0,
-          init: bool = True, loss_options: dict | None = None) -> Steps:
+def build(mcfg: models.Config, ocfg: optim.OptimConfig, *, loss: str, loss_gradient: str = DEFAULT_LOSS_GRADIENT,
+          fsdp: bool = False, seed: int = 0, init: bool = True) -> Steps:
   """The steps and (if init) the initial state; with init=False `state` holds ShapeDtypeStructs only.
 
-  loss_options: keyword arguments for `models.lm_loss` (filter_eps, exact)."""
+  loss, loss_gradient: the loss implementation and the fused loss's gradient mode (`loss_keywords`)."""
+  loss_keywords = lm_loss_keywords(loss, loss_gradient)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
@@ -73,8 +76,7 @@ def build(mcfg: models.Config, ocfg: optim.OptimConfig, *, loss: str, fsdp: bool
                          state_shardings)
 
   def loss_fn(params, batch):
-    return models.lm_loss(codec.to_model(params), batch["inputs"], batch["targets"], implementation=loss,
-                          mesh=mesh, **(loss_options or {}))
+    return models.lm_loss(codec.to_model(params), batch["inputs"], batch["targets"], mesh=mesh, **loss_keywords)
 
   def train_step(state, batch):
     (loss_value, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)

@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import time
 
 import jax
@@ -19,16 +18,13 @@ from jax.sharding import NamedSharding
 from cce_jax import data as data_lib
 from cce_jax import models
 from cce_jax.training import checkpoint as checkpoint_lib
+from cce_jax.training import config as config_lib
 from cce_jax.training import metrics as metrics_lib
 from cce_jax.training import optim
 from cce_jax.training import step as step_lib
 from cce_jax.training.params import ParamCodec
-
-
-def model_config(cfg) -> models.Config:
-  m = cfg.model
-  return models.Config(V=cfg.vocab_size, D=m.D, H=m.H, KV=m.KV, L=m.L, F=m.F, T=cfg.seq_len, dtype=m.dtype,
-                       tie_embeddings=m.tie_embeddings, remat=m.remat)
+from cce_jax.training.validate import ConfigError
+from cce_jax.training.validate import validate
 
 
 def _batch_to_devices(batch, sharding):
@@ -43,7 +39,7 @@ def _batch_to_devices(batch, sharding):
 
 @dataclasses.dataclass
 class Run:
-  """What `train` sets up; tests use its pieces."""
+  """What `setup` builds for `train` and `hidden_states.dump`; tests use its pieces."""
 
   cfg: object
   model_cfg: models.Config
@@ -58,36 +54,37 @@ class Run:
 
 
 def setup(cfg, workdir: str) -> Run:
-  os.makedirs(workdir, exist_ok=True)
-  if cfg.batch_size % jax.device_count():
-    raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the device count {jax.device_count()}")
-  # The run's own tokenizer copy: a resumed run tokenises exactly as before even if the cache is gone.
-  own_tokenizer = os.path.join(workdir, "tokenizer.json")
-  corpus = data_lib.prepare(cfg.data, cfg.vocab_size, cfg.data_cache, val_fraction=cfg.val_fraction,
-                            max_bytes=cfg.max_bytes or None,
-                            tokenizer_path=own_tokenizer if os.path.exists(own_tokenizer) else None)
-  if not os.path.exists(own_tokenizer) and jax.process_index() == 0:
-    shutil.copyfile(corpus.tokenizer_path, own_tokenizer)
-  batches = data_lib.Batches(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed)
+  """The run's data (its own tokenizer in workdir: data.prepare checks it was trained on cfg.data) and its steps,
+  with the state abstract (`train` restores into it, or initialises only when there is nothing to restore).
 
-  mcfg = model_config(cfg)
-  # Abstract state: `train` restores into it, or initialises only when there is nothing to restore.
-  steps = step_lib.build(mcfg, optim.OptimConfig.from_config(cfg), loss=cfg.loss, fsdp=cfg.fsdp, seed=cfg.seed,
-                         init=False, loss_options=loss_options(cfg))
+  Shared by `train` and `hidden_states.dump`."""
+  corpus = data_lib.prepare(cfg.data, cfg.vocab_size, cfg.data_cache, val_fraction=cfg.val_fraction,
+                            max_bytes=cfg.max_bytes or None, tokenizer_path=os.path.join(workdir, "tokenizer.json"))
+  batches = data_lib.Batches(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed)
+  mcfg = config_lib.model_config(cfg)
+  steps = step_lib.build(mcfg, optim.OptimConfig.from_config(cfg), loss=cfg.loss, loss_gradient=cfg.loss_gradient,
+                         fsdp=cfg.fsdp, seed=cfg.seed, init=False)
   return Run(cfg, mcfg, steps.codec, steps.init_state, steps.train_step, steps.eval_step, steps.state, batches,
              corpus.val, steps.batch_sharding)
 
 
-LOSS_GRADIENTS = {"filtered": {}, "full": {"filter_eps": None}, "exact": {"exact": True}}
+def _make_run_directory(cfg, workdir: str):
+  """Creates workdir; ConfigError when it is a file or cannot be created, or the batch does not split evenly."""
+  if cfg.batch_size % jax.device_count():
+    raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the device count {jax.device_count()}")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir {workdir!r} is a file, not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as err:
+    raise ConfigError(f"cannot create workdir {workdir!r}: {err.strerror or err}") from err
 
 
-def loss_options(cfg) -> dict:
-  """lm_loss keyword arguments for cfg.loss_gradient (configs saved before that field existed trained
-  "filtered")."""
-  mode = cfg.get("loss_gradient", "filtered")
-  if mode not in LOSS_GRADIENTS:
-    raise ValueError(f"config.loss_gradient must be one of {sorted(LOSS_GRADIENTS)}, got {mode!r}")
-  return LOSS_GRADIENTS[mode]
+def _warn_without_validation(run: Run):
+  needed = run.cfg.batch_size * run.cfg.seq_len + 1
+  if run.cfg.eval_every and len(run.val_tokens) < needed:
+    logging.warning("the validation split has %d tokens, fewer than one batch of %d x %d (+1): no validation loss "
+                    "will be reported", len(run.val_tokens), run.cfg.batch_size, run.cfg.seq_len)
 
 
 def evaluate(run: Run, params) -> dict:
@@ -106,14 +103,21 @@ def _memory():
 
 
 def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
-  """Trains to cfg.steps (resuming from workdir's newest readable checkpoint); returns the last metrics record.
+  """Trains to cfg.steps (resuming from workdir's newest readable checkpoint); returns the last metrics record
+  (read back from metrics.jsonl when the run had already finished).
 
   stop_at: end this invocation after that step (saving it) as a preempted job would; the schedule still spans
   cfg.steps, so a later call continues the same run.
+  ConfigError (a bad config or workdir) and data.DataError (e.g. workdir's tokenizer trained on other data) come
+  before anything runs.
   """
+  validate(cfg)
+  _make_run_directory(cfg, workdir)
   run = setup(cfg, workdir)
+  _warn_without_validation(run)
   ckpt = checkpoint_lib.Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
                                      async_save=cfg.async_checkpoints)
+  saved = ckpt.all_steps()
   restored = ckpt.restore_latest(run.state)
   start = 0
   if restored is not None:
@@ -121,6 +125,9 @@ def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
     run.batches.restore(data_state)
     logging.info("resumed from step %d in %s", start, ckpt.directory)
   else:
+    logging.info("starting from step 0: %s", f"no checkpoint in {ckpt.directory}" if not saved else
+                 f"none of the {len(saved)} checkpoint(s) in {ckpt.directory} is readable (moved to "
+                 f"{ckpt.quarantine})")
     run.state = run.init_state()
   counts = models.param_counts(run.codec.to_model(run.state["params"]))
   meta = {"config": cfg.to_dict(), "param_counts": counts}
@@ -130,8 +137,14 @@ def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
                "sharded (fsdp)" if cfg.fsdp else "replicated")
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
   record, last_log, t_prev = {}, time.time(), time.time()
+  end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+  if start >= end:
+    if start >= cfg.steps:
+      logging.info("step %d of %d is done already in %s: nothing to train", start, cfg.steps, ckpt.directory)
+    else:
+      logging.info("stop_at=%s: nothing to train past step %d", stop_at, start)
+    record = metrics_lib.record_at(workdir, start)
   try:
-    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     for step in range(start, end):
       batch = _batch_to_devices(next(run.batches), run.batch_sharding)
       run.state, out = run.train_step(run.state, batch)

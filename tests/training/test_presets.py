@@ -1,4 +1,4 @@
-"""Every preset in experiments/configs builds a valid model config and optimizer."""
+"""Every preset in experiments/configs validates and builds a model config and optimizer; the loss keywords."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import pytest
 
 from cce_jax import models
 from cce_jax.training import optim
-from cce_jax.training import trainer
+from cce_jax.training import validate
 from cce_jax.training.config import base_config
+from cce_jax.training.config import model_config
+from cce_jax.training.loss_keywords import lm_loss_keywords
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[2] / "experiments" / "configs").glob("*.py"))
 
@@ -22,26 +24,28 @@ def test_preset(path):
   spec.loader.exec_module(module)
   cfg = module.get_config()
   assert "python experiments/train.py --config=experiments/configs/" + path.name in module.__doc__
-  mcfg = trainer.model_config(cfg)
-  assert isinstance(mcfg, models.Config)
+  validate.validate(cfg)
+  assert isinstance(model_config(cfg), models.Config)
   optim.make_optimizer(optim.OptimConfig.from_config(cfg))
-  assert cfg.loss in models.LOSS_IMPLEMENTATIONS
-  trainer.loss_options(cfg)
 
 
-@pytest.mark.parametrize("mode,options", [("full", {"filter_eps": None}), ("exact", {"exact": True}),
-                                          ("filtered", {})])
-def test_loss_gradient_modes(mode, options):
-  cfg = base_config()
-  assert cfg.loss_gradient == "full"
-  cfg.loss_gradient = mode
-  assert trainer.loss_options(cfg) == options
-  del cfg["loss_gradient"]  # a config saved before the field existed
-  assert trainer.loss_options(cfg) == {}
+@pytest.mark.parametrize("mode,keywords", [("full", {"filter_eps": None}), ("exact", {"exact": True}),
+                                           ("filtered", {"filter_eps": "auto"})])
+def test_loss_gradient_modes(mode, keywords):
+  assert lm_loss_keywords("auto", mode) == {"implementation": "auto", **keywords}
 
 
-def test_bad_loss_gradient():
-  cfg = base_config()
-  cfg.loss_gradient = "sparse"
-  with pytest.raises(ValueError, match="loss_gradient"):
-    trainer.loss_options(cfg)
+def test_one_default_for_the_loss_gradient():
+  """base_config, step.build and bench_train all take it from loss_keywords.DEFAULT_LOSS_GRADIENT."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  from cce_jax.training import step  # pylint: disable=import-outside-toplevel
+  assert base_config().loss_gradient == "full"
+  assert inspect.signature(step.build).parameters["loss_gradient"].default == "full"
+  bench = (pathlib.Path(__file__).resolve().parents[2] / "experiments" / "bench_train.py").read_text()
+  assert "gradient or loss_keywords.DEFAULT_LOSS_GRADIENT" in bench and '"filtered"' not in bench
+
+
+@pytest.mark.parametrize("loss,gradient,match", [("auto", "sparse", "loss_gradient"), ("fast", "full", "loss")])
+def test_bad_loss_keywords(loss, gradient, match):
+  with pytest.raises(ValueError, match=match):
+    lm_loss_keywords(loss, gradient)

@@ -1,9 +1,11 @@
-"""experiments/train.py as a process: SIGKILL mid-run and mid-save then resume; 8 simulated devices vs 1."""
+"""experiments/train.py as a process: SIGKILL mid-run and mid-save then resume; 8 simulated devices vs 1; what it
+prints (no backend probes, a rerun's final metrics, one-line usage errors)."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,10 +66,15 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(cache, tmp_path_factory):
+def reference_run(cache, tmp_path_factory):
+  """(workdir, the finished process) of a 30-step run."""
   workdir = tmp_path_factory.mktemp("reference")
-  subprocess.run(_command(workdir, cache), env=_env(), check=True, capture_output=True)
-  return _losses(workdir)
+  return workdir, subprocess.run(_command(workdir, cache), env=_env(), check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+  return _losses(reference_run[0])
 
 
 def test_sigkill_mid_run_and_mid_save_then_resume_is_bitwise_identical(cache, reference, tmp_path):
@@ -108,3 +115,34 @@ def test_two_processes_match_one_with_two_devices(cache, tmp_path):
   assert sorted(multi) == list(range(1, 13))  # one writer: each step once
   for step, loss in single.items():
     assert multi[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+
+
+def test_quiet_about_absent_backends_and_a_rerun_prints_the_final_metrics(cache, reference_run, tmp_path):
+  workdir, first = reference_run
+  assert "Unable to initialize backend" not in first.stderr
+  assert "starting from step 0: no checkpoint" in first.stderr
+  final = [line for line in first.stdout.splitlines() if line.startswith("final: ")]
+  assert len(final) == 1 and "'step': 30" in final[0] and "'val_loss'" in final[0]
+  rerun_dir = tmp_path / "rerun"
+  shutil.copytree(workdir, rerun_dir)
+  rerun = subprocess.run(_command(rerun_dir, cache), env=_env(), check=True, capture_output=True, text=True)
+  assert "step 30 of 30 is done already" in rerun.stderr
+  assert [line for line in rerun.stdout.splitlines() if line.startswith("final: ")] == final
+
+
+def test_usage_errors_are_one_line(cache, tmp_path):
+  """An unknown field (while flags parse), a missing config file, a workdir that is a file (in main); the library
+  tests check the other errors (tests/training/test_validate.py, test_run_messages.py)."""
+  (tmp_path / "a_file").write_text("")
+  config = "--config=" + str(ROOT / "experiments" / "configs" / "tiny.py")
+  cases = [([config, f"--workdir={tmp_path}/w", "--config.optim.lrr=1"],
+            "unknown config field 'optim.lrr'; did you mean 'optim.lr'?"),
+           ([f"--config={tmp_path}/missing.py", f"--workdir={tmp_path}/w"], "No such file or directory"),
+           ([config, f"--workdir={tmp_path}/a_file", f"--config.data_cache={cache}"], "is a file, not a directory")]
+  for args, message in cases:
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), *args], env=_env(),
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2, (args, out.stderr[-2000:])
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("train.py: error: "), (args, out.stderr)
+    assert message in out.stderr, (args, out.stderr)
+  assert not os.path.exists(tmp_path / "w")

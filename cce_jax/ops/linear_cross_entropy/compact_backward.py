@@ -28,12 +28,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from cce_jax.ops.linear_cross_entropy import base
 from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import triton_tiles
-from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import pow2_floor
-
-_block_start = xla_chunked.block_start
 
 
 def tile_dz(e_ref, c_ref, b_ref, row_refs, i, j, *, spec, n, v, d):
@@ -42,8 +40,8 @@ def tile_dz(e_ref, c_ref, b_ref, row_refs, i, j, *, spec, n, v, d):
   cfg, st_spec = spec.config, spec.stats
   bn, bv = cfg.block_n, cfg.block_v
   t_ref, lse_ref, mean_ref, g_lse_ref, g_st_ref, g_sum_ref, g_mean_ref, inv_r_ref = row_refs
-  n_start, n_first = _block_start(i, bn, n)
-  v_start, v_first = _block_start(j, bv, v)
+  n_start, n_first = base.block_start(i, bn, n)
+  v_start, v_first = base.block_start(j, bv, v)
   rows_blk = pl.ds(n_start, bn)
   rows, cols = n_start + jnp.arange(bn), v_start + jnp.arange(bv)
   row_vec = lambda ref: ref[rows_blk][:, None]
@@ -51,8 +49,8 @@ def tile_dz(e_ref, c_ref, b_ref, row_refs, i, j, *, spec, n, v, d):
                               precision=triton_tiles.precision(st_spec))
   if b_ref is not None:
     z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
-  s, dsdz = xla_chunked.transform(z, st_spec)
-  ds = xla_chunked.tile_dlogits(s, cols, row_vec(t_ref), row_vec(lse_ref), row_vec(mean_ref),
+  s, dsdz = base.transform(z, st_spec)
+  ds = base.tile_dlogits(s, cols, row_vec(t_ref), row_vec(lse_ref), row_vec(mean_ref),
                                 row_vec(g_lse_ref), row_vec(g_st_ref), row_vec(g_sum_ref), row_vec(g_mean_ref),
                                 st_spec)
   live = ((rows >= n_first)[:, None] & (cols >= v_first)[None, :])
@@ -101,18 +99,18 @@ def _de_kernel(dz_ref, c_ref, slot_j_ref, order_ref, row_ptr_ref, _, de_ref, *, 
 
   @pl.when(hi > lo)
   def _():
-    d_start, d_first = _block_start(q, bq, d)
+    d_start, d_first = base.block_start(q, bq, d)
 
     def body(r, acc):  # dE.T += c.T @ dZ.T: M = bq, not the token tile (see swept_backward._seg_kernel)
       k = order_ref[r]
-      v_start, _ = _block_start(slot_j_ref[k], bv, v)
+      v_start, _ = base.block_start(slot_j_ref[k], bv, v)
       dz = dz_ref[pl.ds(k * bn, bn), :]
       c_blk = c_ref[pl.ds(v_start, bv), pl.ds(d_start, bq)].astype(dz.dtype)
       return acc + lax.dot_general(c_blk, dz, (((0,), (1,)), ((), ())), preferred_element_type=acc.dtype,
                                    precision=precision)
 
     acc = lax.fori_loop(lo, hi, body, jnp.zeros((bq, bn), de_ref.dtype)).T
-    n_start, n_first = _block_start(i, bn, n)
+    n_start, n_first = base.block_start(i, bn, n)
     mask = (((n_start + jnp.arange(bn)) >= n_first)[:, None]
             & ((d_start + jnp.arange(bq)) >= d_first)[None, :])
     blk = (pl.ds(n_start, bn), pl.ds(d_start, bq))
@@ -133,18 +131,18 @@ def _dc_kernel(*refs, n, v, d, bn, bv, bq, precision, has_bias):
   def _():
     s0 = pass_ref[2]
     lo, hi = col_ptr_ref[j] - s0, col_ptr_ref[j + 1] - s0
-    d_start, d_first = _block_start(q, bq, d)
-    acc_dtype = xla_chunked.acc_dtype(dz_ref.dtype, e_ref.dtype)
+    d_start, d_first = base.block_start(q, bq, d)
+    acc_dtype = base.acc_dtype(dz_ref.dtype, e_ref.dtype)
 
     def body(k, acc):
-      n_start, _ = _block_start(slot_i_ref[k], bn, n)
+      n_start, _ = base.block_start(slot_i_ref[k], bn, n)
       dz = dz_ref[pl.ds(k * bn, bn), :]
       e_blk = e_ref[pl.ds(n_start, bn), pl.ds(d_start, bq)].astype(dz.dtype)
       return acc + lax.dot_general(dz, e_blk, (((0,), (0,)), ((), ())), preferred_element_type=acc.dtype,
                                    precision=precision)
 
     acc = lax.fori_loop(lo, hi, body, jnp.zeros((bv, bq), acc_dtype))
-    v_start, v_first = _block_start(j, bv, v)
+    v_start, v_first = base.block_start(j, bv, v)
     col_ok = (v_start + jnp.arange(bv)) >= v_first
     mask = col_ok[:, None] & ((d_start + jnp.arange(bq)) >= d_first)[None, :]
     plgpu.store(dc_ref.at[pl.ds(v_start, bv), pl.ds(d_start, bq)], acc.astype(dc_ref.dtype), mask=mask)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from cce_jax.ops.linear_cross_entropy import xla_chunked
+from cce_jax.ops.linear_cross_entropy import base
 from cce_jax.ops.linear_cross_entropy.config import pow2_floor
 
 # Sample columns and rows per step such that the gathered [samples, D] classifier rows and one step's [rows, D]
@@ -46,12 +46,12 @@ def target_logits(stats, e_ND, c_VD, bias_V, targets_N):
   z = jnp.sum(e_ND.astype(jnp.float32) * c_VD[t].astype(jnp.float32), axis=1)
   if bias_V is not None:
     z = z + bias_V[t].astype(jnp.float32)
-  return xla_chunked.transform(z, stats)[0], ok
+  return base.transform(z, stats)[0], ok
 
 
 def reference(stats, e_ND, c_VD, bias_V, targets_N, *, samples=None, z=Z):
-  """[N] fp32: the estimate above (+inf for out-of-range targets). stats: the `xla_chunked` stats spec (softcap,
-  inv_temperature)."""
+  """[N] fp32: the estimate above (+inf for out-of-range targets). stats: a `base.StatsSpec` (its softcap and
+  inv_temperature are used)."""
   n, d = e_ND.shape
   v = c_VD.shape[0]
   s_target, ok = target_logits(stats, e_ND, c_VD, bias_V, targets_N)
@@ -73,7 +73,7 @@ def reference(stats, e_ND, c_VD, bias_V, targets_N, *, samples=None, z=Z):
     z_blk = lax.dot_general(e_blk, c_sub, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     if b_sub is not None:
       z_blk = z_blk + b_sub[None, :]
-    s = xla_chunked.transform(z_blk, stats)[0]
+    s = base.transform(z_blk, stats)[0]
     live = cols[None, :] != t_blk[:, None]
     s = jnp.where(live, s, -jnp.inf)
     top = jnp.max(s, axis=1)

@@ -11,7 +11,7 @@ contract at the granularity of one row of a tile; the tile-skipping kernels drop
 Input conditions: `mosaic_pipeline.unsupported_reason`.
 
 dS = (g_lse + g_mean (1 + s - mean)) softmax(s) + g_target onehot(t) + g_sum, dZ = dS · ds/dz (see
-`xla_chunked.tile_dlogits`).
+`base.tile_dlogits`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from cce_jax.ops.linear_cross_entropy import base
 from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import mosaic_pipeline as mp
-from cce_jax.ops.linear_cross_entropy import xla_chunked
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -117,7 +117,7 @@ def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, split
   """(dE, dC, None, None) of the statistics from their residuals and cotangents, blockwise: dZ by `dlogits`,
   dE and dC by XLA GEMMs with fp32 accumulation. Vocabulary blocks of block_v entries (the last one smaller)."""
   e_ND, c_VD, _, targets_N, lse, mean = residuals[:6]
-  (g_lse, g_st, g_sum, g_mean), inv_row_scale = xla_chunked.backward_cotangents(stats_spec, residuals, cotangents)
+  (g_lse, g_st, g_sum, g_mean), inv_row_scale = base.backward_cotangents(stats_spec, residuals, cotangents)
   n, d = e_ND.shape
   v = c_VD.shape[0]
   live = ((inv_row_scale != 0) | (g_sum != 0)).astype(jnp.float32)
@@ -142,7 +142,7 @@ def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, split
 
     def n_step(carry, i):
       de_acc, dc_blk = carry
-      n_start, n_first = xla_chunked.block_start(i, block_n, n8)
+      n_start, n_first = base.block_start(i, block_n, n8)
       e_blk = lax.dynamic_slice(e_ND, (n_start, 0), (block_n, d))
       r_blk = lax.dynamic_slice(rows, (0, n_start), (_ROWS, block_n))
       r_blk = r_blk.at[6].multiply((n_start + jnp.arange(block_n) >= n_first).astype(jnp.float32))

@@ -1,6 +1,6 @@
 """Pallas kernels for NVIDIA GPUs: the per-token logit statistics and their backward.
 
-Same contract as `xla_chunked.logit_stats` (see there for the math): one custom_vjp whose outputs are the
+Same contract as `xla_chunked.logit_stats` (the math: `base`): one custom_vjp whose outputs are the
 per-token LSE, target logit, logit sum and softmax-mean logit, from which `stats_losses` forms every loss.
 
 Forward (`cce_fwd`): grid (token tiles, vocabulary splits). A program owns `block_n` tokens and one contiguous
@@ -50,6 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from cce_jax.ops.linear_cross_entropy import base
 from cce_jax.ops.linear_cross_entropy import compact_backward
 from cce_jax.ops.linear_cross_entropy import lse_estimate
 from cce_jax.ops.linear_cross_entropy import manual_axes
@@ -59,10 +60,9 @@ from cce_jax.ops.linear_cross_entropy import mosaic_pipeline
 from cce_jax.ops.linear_cross_entropy import stats_losses
 from cce_jax.ops.linear_cross_entropy import swept_backward
 from cce_jax.ops.linear_cross_entropy import triton_tiles
-from cce_jax.ops.linear_cross_entropy import xla_chunked
+from cce_jax.ops.linear_cross_entropy import xla_backward
+from cce_jax.ops.linear_cross_entropy.base import LogitStats
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
-from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
-from cce_jax.ops.linear_cross_entropy.stats_losses import LogitStats
 
 
 def cross_entropy_per_token(e_ND, c_VD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
@@ -108,15 +108,14 @@ def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, e
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-  stats: xla_chunked.StatsSpec  # the math options (its config is unused here)
+  stats: base.StatsSpec  # the math options
   config: PallasGpuConfig
   interpret: bool
 
 
 def _spec(softcap, inv_temperature, with_sum, with_mean, config, exact, filter_eps, interpret):
-  stats = xla_chunked.StatsSpec(
-      softcap=softcap, inv_temperature=inv_temperature, with_sum=with_sum, with_mean=with_mean,
-      config=XlaChunkedConfig(1, 1), exact=exact, filter_eps=filter_eps)
+  stats = base.StatsSpec(softcap=softcap, inv_temperature=inv_temperature, with_sum=with_sum,
+                         with_mean=with_mean, exact=exact, filter_eps=filter_eps)
   return _Spec(stats=stats, config=config, interpret=interpret)
 
 
@@ -178,7 +177,7 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias, with_reference):
     col_ok = ((cols >= v_first) & (cols < v_hi))[None, :]
     if b_ref is not None:
       z = z + b_ref[pl.ds(v_start, bv)].astype(z.dtype)[None, :]
-    s, _ = xla_chunked.transform(z, st_spec)
+    s, _ = base.transform(z, st_spec)
     s_ok = jnp.where(col_ok, s, 0.0)
     row_max = jnp.max(jnp.where(col_ok, s, -jnp.inf), axis=1)
     if rmax_ref is not None or tmax_ref is not None:  # the tile's largest logits, for the backward's skip mask
@@ -203,7 +202,7 @@ def _fwd_kernel(*refs, spec, n, v, d, v_per_split, has_bias, with_reference):
     # statistics update runs under a branch on the last D chunk.
     nd = pl.cdiv(d, bd)
     compute = jnp.result_type(e_ref.dtype, c_ref.dtype)
-    acc = xla_chunked.acc_dtype(compute)
+    acc = base.acc_dtype(compute)
 
     def flat_body(k, carry):
       stats, z = carry
@@ -339,7 +338,7 @@ def _triton_partials(spec, e_ND, c_VD, bias_V, targets_N, row_maxima, reference_
   splits = cfg.num_splits_for(n, v)
   v_per_split = pl.cdiv(pl.cdiv(v, splits), cfg.block_v) * cfg.block_v
   splits = pl.cdiv(v, v_per_split)
-  part = jax.ShapeDtypeStruct((splits, n), xla_chunked.acc_dtype(e_ND.dtype, c_VD.dtype))
+  part = jax.ShapeDtypeStruct((splits, n), base.acc_dtype(e_ND.dtype, c_VD.dtype))
   args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + [targets_N.astype(jnp.int32)]
   out_shape = [part] * 5
   with_reference = reference_N is not None  # given only with row_maxima and tile skipping
@@ -407,7 +406,7 @@ def _dense_bwd(spec, residuals, cotangents):
         spec.stats, residuals, cotangents, block_n=tiles.block_n, block_v=tiles.block_v,
         splits=spec.config.num_splits or mosaic_pipeline.default_splits(tiles.block_n, tiles.block_v),
         approx_math=spec.config.approx_math, interpret=spec.interpret)
-  return xla_chunked.stats_backward(dataclasses.replace(spec.stats, config=tiles), residuals[:6], cotangents)
+  return xla_backward.backward(spec.stats, tiles, residuals[:6], cotangents)
 
 
 def _round_up_bf16(x):
@@ -468,7 +467,7 @@ def _stats_bwd(spec, residuals, cotangents):
   dense = lambda: _dense_bwd(spec, residuals, cotangents)
   spec = _backward_spec(spec)
   c_VD, targets_N, lse, rmax = residuals[1], residuals[3], residuals[4], residuals[6]
-  row_cotangents, inv_r = xla_chunked.backward_cotangents(spec.stats, residuals, cotangents)
+  row_cotangents, inv_r = base.backward_cotangents(spec.stats, residuals, cotangents)
   if spec.config.low_memory:
     keep = _tile_keep_mask_low_memory(spec, rmax, targets_N, lse, inv_r, c_VD.shape[0])
     return swept_backward.backward(spec, residuals, row_cotangents, inv_r, keep)

@@ -1,25 +1,12 @@
-"""The losses of this op as plain formulas over per-token logit statistics (shared by the blockwise backends)."""
+"""The losses of this op as plain formulas over the per-token logit statistics of `base.LogitStats` (shared by
+the blockwise backends), and the statistics' merge over a vocabulary split."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-class LogitStats(NamedTuple):
-  """Per-token statistics of the transformed logits s; each [N] in the accumulation dtype (fp32 or wider).
-
-  lse = logsumexp_v s_v; target_logit = s_t (0 for t outside [0, V)); sum_logits = sum_v s_v;
-  mean_logit = sum_v softmax(s)_v s_v. A backend may leave the last two as zeros when they are not needed.
-  """
-
-  lse: jax.Array
-  target_logit: jax.Array
-  sum_logits: jax.Array
-  mean_logit: jax.Array
+from cce_jax.ops.linear_cross_entropy.base import LogitStats
 
 
 def cross_entropy(stats: LogitStats, valid_N, *, vocab_size: int, label_smoothing: float, z_loss: float):

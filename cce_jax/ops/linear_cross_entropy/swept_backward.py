@@ -27,13 +27,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from cce_jax.ops.linear_cross_entropy import base
 from cce_jax.ops.linear_cross_entropy import compact_backward
 from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import triton_tiles
-from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import pow2_floor
 
-_block_start = xla_chunked.block_start
 # Window information, int32: the fields that the tile kernel reads (start, length) sit where it reads them.
 _FIRST_CONTINUES, _LAST_CONTINUES, _START, _LENGTH, _RUNS = range(5)
 
@@ -62,18 +61,18 @@ def _seg_kernel(*refs, for_dc, n, v, d, bn, bv, bq, n_tiles, v_tiles, precision,
   def _():
     lo, hi = run_lo_ref[u], run_lo_ref[u + 1]
     owner, _ = decode(tiles_ref[s0 + lo])
-    d_start, d_first = _block_start(q, bq, d)
-    acc_dtype = xla_chunked.acc_dtype(dz_ref.dtype, x_ref.dtype)
+    d_start, d_first = base.block_start(q, bq, d)
+    acc_dtype = base.acc_dtype(dz_ref.dtype, x_ref.dtype)
 
     def body(k, acc):
       _, other = decode(tiles_ref[s0 + k])
       dz = dz_ref[pl.ds(k * bn, bn), :]
       if for_dc:
-        x_start, _ = _block_start(other, bn, n)
+        x_start, _ = base.block_start(other, bn, n)
         x = x_ref[pl.ds(x_start, bn), pl.ds(d_start, bq)].astype(dz.dtype)
         dims = (((0,), (0,)), ((), ()))
       else:
-        x_start, _ = _block_start(other, bv, v)
+        x_start, _ = base.block_start(other, bv, v)
         x = x_ref[pl.ds(x_start, bv), pl.ds(d_start, bq)].astype(dz.dtype)
         # dE.T += c.T @ dZ.T: a [bq, bn] product, M = bq (a 32-token dZ.T would give M = 32, too short for
         # Hopper's wgmma; H200 llama3_8b_4k random dE sweep 19.1 -> 17.4 ms)
@@ -89,7 +88,7 @@ def _seg_kernel(*refs, for_dc, n, v, d, bn, bv, bq, n_tiles, v_tiles, precision,
     carried_in = (u == 0) & (info_ref[_FIRST_CONTINUES] != 0)
     acc = acc + jnp.where(carried_in, carry_in_ref[:, pl.ds(d_start, bq)], 0.0)
     carried_out = (u == runs - 1) & (info_ref[_LAST_CONTINUES] != 0)
-    o_start, o_first = _block_start(owner, rows, v if for_dc else n)
+    o_start, o_first = base.block_start(owner, rows, v if for_dc else n)
     row_ok = (o_start + jnp.arange(rows)) >= o_first
     mask = row_ok[:, None] & ((d_start + jnp.arange(bq)) >= d_first)[None, :]
 

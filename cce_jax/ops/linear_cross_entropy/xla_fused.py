@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cce_jax.ops.linear_cross_entropy import base
 from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import stats_losses
-from cce_jax.ops.linear_cross_entropy import xla_chunked
+from cce_jax.ops.linear_cross_entropy.base import LogitStats
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
-from cce_jax.ops.linear_cross_entropy.stats_losses import LogitStats
 
 # Logits per row block of the default config: 2^27 fp32 logits are 512 MiB.
 _BLOCK_ELEMENTS = 1 << 27
@@ -41,7 +41,7 @@ def default_config(n: int, v: int) -> XlaChunkedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-  stats: xla_chunked.StatsSpec
+  stats: base.StatsSpec
   label_smoothing: float
   z_loss: float
   block_n: int
@@ -53,9 +53,8 @@ def reduced_loss(e_ND, c_VD, bias_V, targets_N, coef_N, *, softcap, label_smooth
   coef_N: [N] the tokens' weights in the reduced loss (0 for ignored tokens; NaN makes that token's loss and the
   gradients NaN). targets_N: [N] int; a target outside [0, V) scores a target logit of 0.
   """
-  stats = xla_chunked.StatsSpec(
-      softcap=softcap, inv_temperature=1.0, with_sum=bool(label_smoothing), with_mean=False,
-      config=XlaChunkedConfig(1, 1), exact=exact, filter_eps=None)
+  stats = base.StatsSpec(softcap=softcap, inv_temperature=1.0, with_sum=bool(label_smoothing), with_mean=False,
+                         exact=exact, filter_eps=None)
   spec = _Spec(stats=stats, label_smoothing=label_smoothing, z_loss=z_loss,
                block_n=min(config.block_n, e_ND.shape[0]))
   return _loss(spec, e_ND, c_VD, bias_V, targets_N, coef_N)
@@ -69,9 +68,9 @@ def _run(spec, e_ND, c_VD, bias_V, targets_N, coef_N, *, grads):
   bn = spec.block_n
   blocks = -(-n // bn)
   pad = blocks * bn - n
-  acc = xla_chunked.acc_dtype(e_ND.dtype, c_VD.dtype)
+  acc = base.acc_dtype(e_ND.dtype, c_VD.dtype)
   mm = jnp.result_type(e_ND.dtype, c_VD.dtype)
-  precision = lax.Precision.HIGHEST if spec.stats.exact else None
+  precision = base.matmul_precision(spec.stats)
   e_pad = jnp.pad(e_ND, ((0, pad), (0, 0)))
   t_pad = jnp.pad(targets_N.astype(jnp.int32), (0, pad))
   w_pad = jnp.pad(coef_N.astype(acc), (0, pad))
@@ -89,7 +88,7 @@ def _run(spec, e_ND, c_VD, bias_V, targets_N, coef_N, *, grads):
                         precision=precision)
     if bias_V is not None:
       z = z + bias_V.astype(acc)[None, :]
-    s, dsdz = xla_chunked.transform(z, spec.stats)
+    s, dsdz = base.transform(z, spec.stats)
     lse = jax.nn.logsumexp(s, axis=1)
     target_logit = jnp.sum(jnp.where(cols[None, :] == t_blk[:, None], s, 0.0), axis=1)
     total = jnp.sum(s, axis=1) if spec.stats.with_sum else jnp.zeros_like(lse)
@@ -101,7 +100,7 @@ def _run(spec, e_ND, c_VD, bias_V, targets_N, coef_N, *, grads):
     loss, pullback = jax.vjp(lambda st: token_losses(st, live), stats)
     (g,) = pullback(jnp.where(live, w_blk, 0.0))
     col = lambda x: x[:, None]
-    ds = xla_chunked.tile_dlogits(s, cols, col(t_blk), col(lse), col(stats.mean_logit), col(g.lse),
+    ds = base.tile_dlogits(s, cols, col(t_blk), col(lse), col(stats.mean_logit), col(g.lse),
                                   col(g.target_logit), col(g.sum_logits), col(g.mean_logit), spec.stats)
     dz = jnp.where(col(live), ds * dsdz, 0.0)
     dz_mm = dz.astype(mm)

@@ -7,15 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cce_jax.ops.linear_cross_entropy import base
 from cce_jax.ops.linear_cross_entropy import lse_estimate
-from cce_jax.ops.linear_cross_entropy import xla_chunked
-from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
 from tests.ops.linear_cross_entropy import helpers
 
 
 def _stats(softcap=None, inv_temperature=1.0):
-  return xla_chunked.StatsSpec(softcap=softcap, inv_temperature=inv_temperature, with_sum=False, with_mean=False,
-                               config=XlaChunkedConfig(1, 1), exact=False, filter_eps=None)
+  return base.StatsSpec(softcap=softcap, inv_temperature=inv_temperature, with_sum=False, with_mean=False,
+                        exact=False, filter_eps=None)
 
 
 def _lse(e, c, bias, softcap, inv_temperature):

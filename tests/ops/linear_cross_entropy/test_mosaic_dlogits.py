@@ -10,17 +10,22 @@ import pytest
 from benchmarks.linear_cross_entropy import inputs
 import cce_jax
 from cce_jax import PallasGpuConfig
+from cce_jax.ops.linear_cross_entropy import base
 from cce_jax.ops.linear_cross_entropy import mosaic_dlogits
+from cce_jax.ops.linear_cross_entropy import xla_backward
 from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
 from tests.ops.linear_cross_entropy import helpers
+
+
+_TILES = XlaChunkedConfig(16, 128)  # of the XLA forward and backward that the kernel is checked against
 
 
 def _residuals_and_cotangents(seed, n, d, v, spec):
   e, c, targets, _ = helpers.make_inputs(seed, (n,), d, v)
   e, c = e.astype(jnp.bfloat16), c.astype(jnp.bfloat16)
   targets = targets.at[1].set(-100)
-  (lse, _, _, mean), res = xla_chunked._stats_fwd(spec, e, c, None, targets)
+  (lse, _, _, mean), res = xla_chunked._stats_fwd(spec, _TILES, e, c, None, targets)
   ks = jax.random.split(jax.random.key(seed + 1), 4)
   cots = tuple(jax.random.normal(k, (n,)) for k in ks)
   cots = tuple(g.at[1].set(0.0) for g in cots)  # the ignored token has no cotangent
@@ -36,12 +41,12 @@ def _residuals_and_cotangents(seed, n, d, v, spec):
     (50, 64, 264, 48, 264, 2.5, 1.0, True, True),
 ])
 def test_dense_backward_matches_the_xla_backward(n, d, v, block_n, block_v, softcap, inv_temp, with_sum, with_mean):
-  spec = xla_chunked.StatsSpec(softcap=softcap, inv_temperature=inv_temp, with_sum=with_sum, with_mean=with_mean,
-                               config=XlaChunkedConfig(16, 128), exact=True, filter_eps=None)
+  spec = base.StatsSpec(softcap=softcap, inv_temperature=inv_temp, with_sum=with_sum, with_mean=with_mean,
+                        exact=True, filter_eps=None)
   res, cots = _residuals_and_cotangents(n + v, n, d, v, spec)
   got = mosaic_dlogits.dense_backward(spec, res, cots, block_n=block_n, block_v=block_v, splits=2,
                                       approx_math=True, interpret=True)
-  want = xla_chunked.stats_backward(spec, res, cots)
+  want = xla_backward.backward(spec, _TILES, res, cots)
   assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
   assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
   for g, w in zip(got[:2], want[:2]):

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cce_jax.ops.linear_cross_entropy import base
+from cce_jax.ops.linear_cross_entropy import kernel_refs
 from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import triton_tiles
 from cce_jax.ops.linear_cross_entropy.config import pow2_floor
@@ -68,13 +69,11 @@ def dz_kernel(*refs, spec, n, v, d, n_tiles, has_bias, v_tiles=None, dbias=True,
   with a bias and `dbias`, its column sums); an entry is j * n_tiles + i (column-major), or i * v_tiles + j
   (row-major) when v_tiles is given. `permuted`: an extra input after pass_ref, [cap] int32, gives program k
   slot perm[k] instead (the order in which the GPU meets the tiles, not where they go)."""
-  refs = list(refs)
-  e_ref, c_ref = refs.pop(0), refs.pop(0)
-  b_ref = refs.pop(0) if has_bias else None
-  row_refs, (tiles_ref, pass_ref), refs = refs[:8], refs[8:10], refs[10:]
-  k = refs.pop(0)[pl.program_id(0)] if permuted else pl.program_id(0)
-  dz_ref = refs[0]
-  dbt_ref = refs[1] if has_bias and dbias else None
+  (e_ref, c_ref, b_ref, *row_refs, tiles_ref, pass_ref, perm_ref, dz_ref, dbt_ref) = kernel_refs.unpack(
+      refs, e=True, c=True, bias=has_bias, targets=True, lse=True, mean=True, g_lse=True, g_target=True,
+      g_sum=True, g_mean=True, inv_row_scale=True, tiles=True, pass_info=True, perm=permuted, dz=True,
+      dbias_tiles=has_bias and dbias)
+  k = perm_ref[pl.program_id(0)] if permuted else pl.program_id(0)
   bn = spec.config.block_n
   pos = pass_ref[2] + k
 
@@ -118,13 +117,10 @@ def _de_kernel(dz_ref, c_ref, slot_j_ref, order_ref, row_ptr_ref, _, de_ref, *, 
 
 
 def _dc_kernel(*refs, n, v, d, bn, bv, bq, precision, has_bias):
-  refs = list(refs)
-  dz_ref, e_ref = refs.pop(0), refs.pop(0)
-  dbt_ref = refs.pop(0) if has_bias else None
-  slot_i_ref, col_ptr_ref, pass_ref = refs[:3]
-  n_in = (len(refs) - 3) // 2
-  dc_ref = refs[3 + n_in]
-  db_ref = refs[4 + n_in] if has_bias else None
+  # dc_in, db_in: the inputs that dc and db alias (zeros; every entry is written here)
+  dz_ref, e_ref, dbt_ref, slot_i_ref, col_ptr_ref, pass_ref, _, _, dc_ref, db_ref = kernel_refs.unpack(
+      refs, dz=True, e=True, dbias_tiles=has_bias, slot_i=True, col_ptr=True, pass_info=True, dc_in=True,
+      db_in=has_bias, dc=True, db=has_bias)
   q, j = pl.program_id(0), pl.program_id(1)
 
   @pl.when((j >= pass_ref[0]) & (j < pass_ref[1]))

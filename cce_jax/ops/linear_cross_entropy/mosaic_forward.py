@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from cce_jax.ops.linear_cross_entropy import kernel_refs
 from cce_jax.ops.linear_cross_entropy import mosaic_pipeline as mp
 
 _BN = mp.BN
@@ -116,12 +117,11 @@ def decode_codes(packed):
   return (b >> (2 * jnp.arange(4, dtype=jnp.int32))[:, None]) & 3
 
 
-def _kernel(e_ref, c_ref, t_ref, *refs, d, stages, v, v_per_split, softcap, inv_temperature, with_sum, with_mean,
-            with_row_max, code_groups, log_eps):
-  ref_ref = refs[0] if code_groups else None
-  m_ref, l_ref, st_ref, sum_ref, w_ref, *rest = refs[1:] if code_groups else refs
-  rmax_ref = rest[0] if with_row_max else None
-  code_ref = rest[0] if code_groups else None
+def _kernel(*refs, d, stages, v, v_per_split, softcap, inv_temperature, with_sum, with_mean, with_row_max,
+            code_groups, log_eps):
+  e_ref, c_ref, t_ref, ref_ref, m_ref, l_ref, st_ref, sum_ref, w_ref, rmax_ref, code_ref = kernel_refs.unpack(
+      refs, e=True, c=True, targets=True, reference=bool(code_groups), m=True, l=True, target=True, sum=True,
+      weighted=True, row_max=with_row_max, codes=bool(code_groups))
   fixed_ref = softcap is not None and softcap * inv_temperature <= FIXED_REFERENCE_MAX
   bound2 = softcap * inv_temperature * _LOG2E if fixed_ref else None  # the logits' bound, log2 units
   stat_refs = (m_ref, l_ref, st_ref, sum_ref, w_ref)

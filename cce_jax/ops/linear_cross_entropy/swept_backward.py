@@ -29,6 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from cce_jax.ops.linear_cross_entropy import base
 from cce_jax.ops.linear_cross_entropy import compact_backward
+from cce_jax.ops.linear_cross_entropy import kernel_refs
 from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import triton_tiles
 from cce_jax.ops.linear_cross_entropy.config import pow2_floor
@@ -38,15 +39,11 @@ _FIRST_CONTINUES, _LAST_CONTINUES, _START, _LENGTH, _RUNS = range(5)
 
 
 def _seg_kernel(*refs, for_dc, n, v, d, bn, bv, bq, n_tiles, v_tiles, precision, has_bias):
-  refs = list(refs)
-  dz_ref, x_ref = refs.pop(0), refs.pop(0)  # x: e for dC, c for dE
-  dbt_ref = refs.pop(0) if has_bias else None
-  tiles_ref, run_lo_ref, info_ref, carry_in_ref = refs[:4]
-  cb_in_ref = refs[4] if has_bias else None
-  refs = refs[5 if has_bias else 4:]
-  n_out = 2 if has_bias else 1
-  out_ref, db_ref = refs[n_out], (refs[n_out + 1] if has_bias else None)  # after the aliased inputs
-  carry_ref, cb_ref = refs[n_out + n_out], (refs[n_out + n_out + 1] if has_bias else None)
+  # x: e for dC, c for dE; out_in, db_in: the inputs that out and db alias (written here where a run ends).
+  (dz_ref, x_ref, dbt_ref, tiles_ref, run_lo_ref, info_ref, carry_in_ref, cb_in_ref, _, _, out_ref, db_ref, carry_ref,
+   cb_ref) = kernel_refs.unpack(
+       refs, dz=True, x=True, dbias_tiles=has_bias, tiles=True, run_lo=True, info=True, carry_in=True,
+       bias_carry_in=has_bias, out_in=True, db_in=has_bias, out=True, db=has_bias, carry=True, bias_carry=has_bias)
   q, u = pl.program_id(0), pl.program_id(1)
   s0, runs = info_ref[_START], info_ref[_RUNS]
 

@@ -10,8 +10,10 @@ import pytest
 from benchmarks.linear_cross_entropy import inputs
 import cce_jax
 from cce_jax import PallasGpuConfig
+from cce_jax.ops.linear_cross_entropy import keep_masks
 from cce_jax.ops.linear_cross_entropy import mosaic_forward
 from cce_jax.ops.linear_cross_entropy import pallas_gpu
+from cce_jax.ops.linear_cross_entropy import pallas_spec
 from tests.ops.linear_cross_entropy import helpers
 
 MOSAIC = PallasGpuConfig(forward_kernel="mosaic")
@@ -99,9 +101,9 @@ def test_row_maxima_give_the_triton_keep_mask(block_v):
   for kernel in ("mosaic", "triton"):
     cfg = PallasGpuConfig(block_n=16, block_v=block_v, block_d=16, dense_backward_above=1.0, forward_kernel=kernel,
                           low_memory=False)
-    spec = pallas_gpu._spec(None, 1.0, False, False, cfg, False, 2.0 ** -12, True)
+    spec = pallas_spec.make(None, 1.0, False, False, cfg, False, 2.0 ** -12, True)
     (lse, *_), res = pallas_gpu._stats_fwd(spec, e, c, None, targets)
-    masks.append(np.asarray(pallas_gpu._tile_keep_mask(spec, res[-1], targets, lse, jnp.ones_like(lse), 1536)))
+    masks.append(np.asarray(keep_masks.from_row_maxima(spec, res[-1], targets, lse, jnp.ones_like(lse), 1536)))
     loss = lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, implementation="pallas_gpu", config=cfg,
                                                      interpret=True)
     grads.append(jax.grad(loss, argnums=(0, 1))(e, c))

@@ -12,7 +12,9 @@ import pytest
 import cce_jax
 from cce_jax import PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy import compact_backward
+from cce_jax.ops.linear_cross_entropy import keep_masks
 from cce_jax.ops.linear_cross_entropy import pallas_gpu
+from cce_jax.ops.linear_cross_entropy import pallas_spec
 from tests.ops.linear_cross_entropy import helpers
 from tests.ops.linear_cross_entropy.test_base import LinearCrossEntropyTestBase
 
@@ -67,10 +69,10 @@ def test_tile_keep_mask_bounds_the_kernel_test():
   # 11 tiles per split: row maxima stored in groups across splits
   cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=3, low_memory=False)
   eps = 2.0 ** -12
-  spec = pallas_gpu._spec(None, 1.0, False, False, cfg, False, eps, True)
+  spec = pallas_spec.make(None, 1.0, False, False, cfg, False, eps, True)
   (lse, *_), residuals = pallas_gpu._stats_fwd(spec, e, c, None, targets)
   valid = targets != -100
-  keep = np.asarray(pallas_gpu._tile_keep_mask(spec, residuals[-1], jnp.where(valid, targets, 0), lse,
+  keep = np.asarray(keep_masks.from_row_maxima(spec, residuals[-1], jnp.where(valid, targets, 0), lse,
                                                valid.astype(jnp.float32), 2000))
   p = np.array(jax.nn.softmax(e @ c.T, axis=-1))
   p[np.arange(200), np.asarray(targets)] = 1.0  # a target's tile is always computed
@@ -144,11 +146,11 @@ def test_sorted_vocabulary_clusters_the_kept_tiles():
   targets = targets + jnp.argmax(frequent)
   valid = jnp.ones((n,), bool)
   cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=2, low_memory=False)
-  spec = pallas_gpu._spec(None, 1.0, False, False, cfg, False, 2.0 ** -12, True)
+  spec = pallas_spec.make(None, 1.0, False, False, cfg, False, 2.0 ** -12, True)
 
   def kept(c, targets):
     (lse, *_), residuals = pallas_gpu._stats_fwd(spec, e, c, None, targets)
-    return float(jnp.mean(pallas_gpu._tile_keep_mask(spec, residuals[-1], targets, lse, jnp.ones((n,)), v)))
+    return float(jnp.mean(keep_masks.from_row_maxima(spec, residuals[-1], targets, lse, jnp.ones((n,)), v)))
 
   c_sorted, _, t_sorted = pallas_gpu._sorted_vocabulary(e, c, None, targets, valid)
   assert kept(c_sorted, t_sorted) < 0.5 * kept(c, targets)

@@ -12,7 +12,9 @@ import pytest
 
 import cce_jax
 from cce_jax import PallasGpuConfig
+from cce_jax.ops.linear_cross_entropy import keep_masks
 from cce_jax.ops.linear_cross_entropy import pallas_gpu
+from cce_jax.ops.linear_cross_entropy import pallas_spec
 from cce_jax.ops.linear_cross_entropy import swept_backward
 from tests.ops.linear_cross_entropy import helpers
 
@@ -73,17 +75,16 @@ def test_regrid_rows():
   for new in (4, 8, 16, 32, 64, 128):
     tiles = -(-n // new)
     want = np.pad(rows, ((0, tiles * new - n), (0, 0))).reshape(tiles, new, 5).any(axis=1)
-    np.testing.assert_array_equal(np.asarray(pallas_gpu._regrid_rows(jnp.asarray(keep), 16, new, n)), want)
+    np.testing.assert_array_equal(np.asarray(keep_masks.regrid_rows(jnp.asarray(keep), 16, new, n)), want)
 
 
 def test_low_memory_is_deterministic_and_skips_tiles():
   e, c, targets, _ = helpers.make_inputs(51, (96,), 64, 1000, regime="peaked")
   e = e + 2.0 * c[targets]  # most tiles fall below eps
   low = dataclasses.replace(CFG, low_memory=True, backward_buffer_bytes=5 * 16 * 32 * 4)
-  spec = pallas_gpu._spec(None, 1.0, False, False, low, False, 2.0 ** -12, True)
+  spec = pallas_spec.make(None, 1.0, False, False, low, False, 2.0 ** -12, True)
   (lse, *_), residuals = pallas_gpu._stats_fwd(spec, e, c, None, targets)
-  keep = np.asarray(pallas_gpu._tile_keep_mask_low_memory(spec, residuals[-1], targets, lse, jnp.ones_like(lse),
-                                                          1000))
+  keep = np.asarray(keep_masks.with_forced_tiles(spec, residuals[-1], targets, lse, jnp.ones_like(lse), 1000))
   assert residuals[-1].shape == (6, 32)  # the forward's keep mask
   p = np.array(jax.nn.softmax(e @ c.T, axis=-1))
   p[np.arange(96), np.asarray(targets)] = 1.0  # a target's tile is always computed
@@ -110,7 +111,7 @@ def _needed_tiles(e, c, targets, softcap, bn, bv, eps=2.0 ** -12):
 
 
 def _keep_base(e, c, targets, softcap, cfg, interpret=True):
-  spec = pallas_gpu._spec(softcap, 1.0, False, False, cfg, False, 2.0 ** -12, interpret)
+  spec = pallas_spec.make(softcap, 1.0, False, False, cfg, False, 2.0 ** -12, interpret)
   return np.asarray(jax.jit(lambda e, c: pallas_gpu._stats_fwd(spec, e, c, None, targets)[1][-1])(e, c))
 
 
@@ -150,7 +151,7 @@ def test_keep_from_codes_decodes_the_layout(bn, bv):
   reference = jnp.asarray(np.where(rng.uniform(size=n) < 0.1, np.inf, 1.0))
   d = np.where(np.isinf(np.asarray(reference))[None, :], -np.inf, d)
   lse = reference + lse_minus_ref
-  keep = np.asarray(pallas_gpu._keep_from_codes((_encode_codes(d, splits, per_consumer), per_consumer), lse,
+  keep = np.asarray(keep_masks.from_codes((_encode_codes(d, splits, per_consumer), per_consumer), lse,
                                                 reference, bn, bv, v))
   from cce_jax.ops.linear_cross_entropy import mosaic_forward as mf
   code = sum((d >= level).astype(np.int32) for level in mf.CODE_LEVELS)

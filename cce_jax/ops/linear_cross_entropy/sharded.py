@@ -16,6 +16,7 @@ merge, and dE is summed over the vocabulary axes.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from cce_jax.ops.linear_cross_entropy import api
+from cce_jax.ops.linear_cross_entropy import dispatch
 from cce_jax.ops.linear_cross_entropy import validation
 
 try:
@@ -59,17 +61,18 @@ def linear_cross_entropy(e, c, targets, *, mesh, batch_axes=(), vocab_axes=(), b
   tok, rows = P(axes or None), P(vocab or None)
   local_reduction = "none" if reduction == "none" else "sum"
 
+  options = _op_options(api.linear_cross_entropy, linear_cross_entropy, kwargs)
+
   def local(e, c, targets, bias, weights):
-    out = api.linear_cross_entropy(e, c, targets, bias=bias, weights=weights, reduction=local_reduction,
-                                   ignore_index=ignore_index, shift=shift, return_lse=return_lse,
-                                   _vocab_split=_vocab_split(mesh, vocab, c), **kwargs)
+    out = dispatch.cross_entropy(e, c, targets, bias=bias, weights=weights, reduction=local_reduction,
+                                 ignore_index=ignore_index, shift=shift, return_lse=return_lse,
+                                 vocab_split=_vocab_split(mesh, vocab, c), **options)
     loss, lse = out if return_lse else (out, None)
     if reduction != "none" and axes:
       loss = lax.psum(loss, axes)
     if reduction == "mean":
-      valid = api._shift_targets(targets, shift, ignore_index).reshape(-1) != ignore_index
-      total = jnp.sum(api._token_weights(valid, weights, jnp.float32))
-      loss = loss / api._mean_divisor(lax.psum(total, axes) if axes else total)  # the op's rule for a 0 total
+      total = dispatch.scored_weight(targets, weights, shift=shift, ignore_index=ignore_index)
+      loss = loss / dispatch.mean_divisor(lax.psum(total, axes) if axes else total)
     return (loss, lse) if return_lse else loss
 
   loss_spec = tok if reduction == "none" else P()
@@ -86,11 +89,24 @@ def token_logprobs(e, c, targets, *, mesh, batch_axes=(), vocab_axes=(), bias=No
   axes, vocab = _axes(batch_axes), _axes(vocab_axes)
   _check_split(mesh, axes, vocab, e, c, targets, None, shift)
   tok, rows = P(axes or None), P(vocab or None)
-  local = lambda e, c, targets, bias: api.token_logprobs(
+  options = _op_options(api.token_logprobs, token_logprobs, kwargs)
+  local = lambda e, c, targets, bias: dispatch.logprobs(
       e, c, targets, bias=bias, return_entropy=return_entropy, ignore_index=ignore_index, shift=shift,
-      _vocab_split=_vocab_split(mesh, vocab, c), **kwargs)
+      vocab_split=_vocab_split(mesh, vocab, c), **options)
   fn = shard_map(local, mesh=mesh, in_specs=(tok, rows, tok, rows), out_specs=(tok, tok) if return_entropy else tok)
   return fn(e, c, targets, bias)
+
+
+def _op_options(op, caller, kwargs):
+  """The options of the public `op` that `caller` (a function here) does not take itself: `kwargs`, and the op's
+  defaults for the others (its signature holds them)."""
+  own = inspect.signature(caller).parameters
+  params = {name: p for name, p in inspect.signature(op).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in own}
+  unknown = sorted(set(kwargs) - set(params))
+  if unknown:
+    raise TypeError(f"{op.__name__}() got unexpected keyword arguments {unknown}; its options: {sorted(params)}")
+  return {name: kwargs.get(name, p.default) for name, p in params.items()}
 
 
 def _vocab_split(mesh, vocab, c_local):
@@ -98,7 +114,7 @@ def _vocab_split(mesh, vocab, c_local):
   if not vocab:
     return None
   v_local = c_local.shape[0]
-  return api.VocabSplit(axes=vocab, offset=lax.axis_index(vocab) * v_local,
+  return dispatch.VocabSplit(axes=vocab, offset=lax.axis_index(vocab) * v_local,
                         vocab_size=v_local * math.prod(mesh.shape[a] for a in vocab))
 
 

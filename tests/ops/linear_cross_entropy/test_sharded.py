@@ -3,6 +3,7 @@ problem (values, gradients, output splits), and rejects what it cannot split."""
 
 from __future__ import annotations
 
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from jax.sharding import Mesh
 import cce_jax
 from tests.ops.linear_cross_entropy import helpers
 from tests.ops.linear_cross_entropy import test_shard_map
+
 
 def _mesh(n=1):
   return Mesh(np.array(jax.devices()[:n]), ("data",))
@@ -68,6 +70,20 @@ def test_rejects_what_it_cannot_split():
   with pytest.raises(ValueError, match="not divisible by the 2 devices"):
     mesh2 = Mesh(np.array(jax.devices()[:1] * 2).reshape(2), ("data",)) if len(jax.devices()) == 1 else _mesh(2)
     cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=mesh2, batch_axes="data")
+
+
+def test_unknown_option_is_an_error_naming_it():
+  e, c, targets, _ = helpers.make_inputs(3, (3, 8), 16, 50)
+  with pytest.raises(TypeError, match=r"linear_cross_entropy\(\) got unexpected keyword arguments \['softcapp'\]"):
+    cce_jax.sharded.linear_cross_entropy(e, c, targets, mesh=_mesh(), batch_axes="data", softcapp=30.0)
+  with pytest.raises(TypeError, match=r"\['weights'\]"):  # the op's option, but token_logprobs has none
+    cce_jax.sharded.token_logprobs(e, c, targets, mesh=_mesh(), batch_axes="data", weights=None)
+
+
+def test_public_signatures_carry_no_private_parameters():
+  for fn in (cce_jax.linear_cross_entropy, cce_jax.token_logprobs, cce_jax.sharded.linear_cross_entropy,
+             cce_jax.sharded.token_logprobs):
+    assert not [p for p in inspect.signature(fn).parameters if p.startswith("_")], fn.__name__
 
 
 def test_vocabulary_split_errors():

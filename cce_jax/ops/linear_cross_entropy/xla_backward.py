@@ -41,11 +41,7 @@ def backward(spec: base.StatsSpec, config: XlaChunkedConfig, residuals, cotangen
 
   def v_step(carry, j):
     de_acc, dc, db = carry
-    v_start, v_first = base.block_start(j, bv, v)
-    c_blk = lax.dynamic_slice(c_VD, (v_start, 0), (bv, d))
-    b_blk = None if bias_V is None else lax.dynamic_slice(bias_V, (v_start,), (bv,))
-    cols = v_start + jnp.arange(bv)
-    col_new = cols >= v_first
+    v_start, c_blk, b_blk, cols, col_new = base.vocab_block(j, bv, c_VD, bias_V)
 
     def n_step(carry, i):
       de_acc, dc_blk, db_blk = carry

@@ -75,11 +75,7 @@ def _stats_fwd(spec, config, e_ND, c_VD, bias_V, targets_N):
                           manual_axes.axes(e_ND))
 
   def v_step(state, j):
-    v_start, v_first = base.block_start(j, bv, v)
-    c_blk = lax.dynamic_slice(c_VD, (v_start, 0), (bv, d))
-    b_blk = None if bias_V is None else lax.dynamic_slice(bias_V, (v_start,), (bv,))
-    cols = v_start + jnp.arange(bv)
-    col_new = cols >= v_first
+    _, c_blk, b_blk, cols, col_new = base.vocab_block(j, bv, c_VD, bias_V)
 
     def n_step(state, i):
       n_start, n_first = base.block_start(i, bn, n)

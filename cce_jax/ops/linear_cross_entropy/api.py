@@ -62,12 +62,17 @@ def linear_cross_entropy(
     bias: optional [V] classifier bias.
     ignore_index: target value whose tokens contribute no loss and no gradient.
     softcap: optional cap > 0 of Gemma-2-style logit softcapping.
-    reduction: "mean" (over non-ignored tokens, or weighted: sum(w·loss) / sum(w) over non-ignored tokens;
-      0 when that is empty), "sum" (sum of w·loss) or "none" (per-token w·loss of shape [*B], 0 at ignored
-      positions).
+    reduction: "mean": sum(w·loss) / sum(w) over the scored (non-ignored) tokens, w = 1 without weights; where
+      that sum of weights is 0 (no scored token, or weights that cancel) it divides by 1 instead, so a mean over
+      no scored token is 0. "sum": sum(w·loss). "none": the per-token w·loss of shape [*B], 0 at ignored
+      positions.
     shift: k >= 0; train position i on target i + k along the last leading axis.
     label_smoothing: α in [0, 1).
-    weights: optional [*B] per-position weights (aligned with the output positions, i.e. with e).
+    weights: optional [*B] real per-position weights (aligned with the output positions, i.e. with e). Each
+      multiplies its token's loss, and so its gradient. Negative weights are allowed and flip the sign of that
+      token's term (e.g. advantage-weighted log-likelihood); "mean"'s sum of weights may then be negative or 0
+      (see reduction), and "sum" with a normaliser of one's own is usually what is meant. Their values are not
+      checked: under jit they are not known.
     z_loss: coefficient >= 0 of the auxiliary z-loss z_loss·lse² (PaLM), added per non-ignored token.
     return_lse: also return the per-token LSE [*B] (fp32, differentiable; computed at every position).
     filter_eps: gradient filtering: a tile whose |softmax - onehot| is below this everywhere skips its gradient

@@ -1,4 +1,5 @@
-"""Inputs, error measures, the naive bf16 baseline and a runner on simulated devices shared by the loss tests."""
+"""Inputs, error measures, the float64 NumPy oracle, the naive bf16 baseline and a runner on simulated devices
+shared by the loss tests."""
 
 from __future__ import annotations
 
@@ -74,6 +75,22 @@ def rel_err(x, ref):
 
 def upcast(tree):
   return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def numpy_loss(e, c, t, bias=None, softcap=None, label_smoothing=0.0, z_loss=0.0):
+  """Per-token loss and LSE in float64 NumPy, straight from the definitions."""
+  e, c = np.asarray(e, np.float64), np.asarray(c, np.float64)
+  logits = e @ c.T + (0.0 if bias is None else np.asarray(bias, np.float64))
+  if softcap is not None:
+    logits = softcap * np.tanh(logits / softcap)
+  m = logits.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+  v = c.shape[0]
+  q = np.full(logits.shape, label_smoothing / v)
+  t = np.asarray(t)
+  q[np.arange(len(t)), np.where(t == IGNORE, 0, t)] += 1.0 - label_smoothing
+  loss = -(q * (logits - lse[:, None])).sum(-1) + z_loss * lse**2
+  return np.where(t == IGNORE, 0.0, loss), lse
 
 
 def naive_lowp_loss(e, c, targets, bias=None, *, softcap=None, label_smoothing=0.0, z_loss=0.0):

@@ -209,6 +209,30 @@ class LinearCrossEntropyTestBase:
     ref_loss, _, ref_grads = self.run(helpers.upcast(params), targets, softcap=5.0, implementation="reference")
     assert helpers.rel_err(grads["c"], ref_grads["c"]) < 1e-2
 
+  @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+  def test_negative_weights_match_numpy(self, reduction):
+    """Weights multiply the per-token losses, negative ones too (that token's loss counts with its sign flipped);
+    "mean" divides by the sum of the scored tokens' weights, negative here. Gradients against the reference."""
+    params, targets = self.params((3, 11), 16, 90, seed=17, ignore_frac=0.2)
+    params["weights"] = jax.random.uniform(jax.random.key(18), targets.shape, minval=-2.0, maxval=1.0)
+    loss, _ = self.assert_matches_reference(params, targets, reduction=reduction)
+    per_token, _ = helpers.numpy_loss(params["e"].reshape(-1, 16), params["c"], targets.reshape(-1))
+    w = np.asarray(params["weights"], np.float64).reshape(-1)
+    valid = np.asarray(targets).reshape(-1) != IGNORE
+    assert w[valid].sum() < 0 and (w[valid] > 0).any()
+    want = {"none": (w * per_token).reshape(targets.shape), "sum": (w * per_token).sum(),
+            "mean": (w * per_token).sum() / w[valid].sum()}[reduction]
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+
+  def test_weights_summing_to_zero_give_the_weighted_sum_as_mean(self):
+    """A "mean" whose scored weights sum to 0 divides by 1: the weighted sum (0 when no token is scored)."""
+    params, targets = self.params((12,), 16, 90, seed=19)
+    w = np.array([1.0, -1.0, 2.0, -2.0] * 3)
+    params["weights"] = jnp.asarray(w, jnp.float32)
+    loss, _ = self.assert_matches_reference(params, targets)
+    per_token, _ = helpers.numpy_loss(params["e"], params["c"], targets)
+    np.testing.assert_allclose(loss, (w * per_token).sum(), rtol=1e-5, atol=1e-6)
+
   # ---- filtering and exact mode -------------------------------------------------------------------------
 
   def test_filter_eps(self):

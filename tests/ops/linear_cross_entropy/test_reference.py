@@ -13,22 +13,6 @@ from tests.ops.linear_cross_entropy import helpers
 from tests.ops.linear_cross_entropy.helpers import IGNORE
 
 
-def numpy_loss(e, c, t, bias=None, softcap=None, label_smoothing=0.0, z_loss=0.0):
-  """Per-token loss and LSE in float64 NumPy, straight from the definitions."""
-  e, c = np.asarray(e, np.float64), np.asarray(c, np.float64)
-  logits = e @ c.T + (0.0 if bias is None else np.asarray(bias, np.float64))
-  if softcap is not None:
-    logits = softcap * np.tanh(logits / softcap)
-  m = logits.max(-1, keepdims=True)
-  lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
-  v = c.shape[0]
-  q = np.full(logits.shape, label_smoothing / v)
-  t = np.asarray(t)
-  q[np.arange(len(t)), np.where(t == IGNORE, 0, t)] += 1.0 - label_smoothing
-  loss = -(q * (logits - lse[:, None])).sum(-1) + z_loss * lse**2
-  return np.where(t == IGNORE, 0.0, loss), lse
-
-
 @pytest.mark.parametrize("opts", [
     dict(),
     dict(softcap=2.0),
@@ -38,7 +22,7 @@ def test_reference_matches_numpy(opts):
   e, c, t, b = helpers.make_inputs(1, (19,), 12, 77, jnp.float32, ignore_frac=0.2, bias=True)
   loss, lse = cce_jax.linear_cross_entropy(e, c, t, bias=b, reduction="none", return_lse=True,
                                            implementation="reference", **opts)
-  want_loss, want_lse = numpy_loss(e, c, t, b, **opts)
+  want_loss, want_lse = helpers.numpy_loss(e, c, t, b, **opts)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(lse, want_lse, rtol=1e-6)
   mean = cce_jax.linear_cross_entropy(e, c, t, bias=b, implementation="reference", **opts)

@@ -4,7 +4,8 @@ r"""Times the pallas_gpu kernels over a set of tile configs at one benchmark sha
       --configs=64x128x64w4s3,128x128x64w8s3,128x256x64w8s3
 
 A config is `{block_n}x{block_v}x{block_d}w{num_warps}s{num_stages}`, optionally followed by `p{num_splits}` and
-`f` (flat forward loop); `w4/8` means 4 warps in the forward, 8 in the backward. Prints one row per config: forward and loss + gradient medians, and the errors against the fp32 reference.
+`f` (flat forward loop); `w4/8` means 4 warps in the forward, 8 in the backward. Prints one row per config:
+forward and loss + gradient medians, and the errors against the fp32 reference.
 """
 
 from __future__ import annotations

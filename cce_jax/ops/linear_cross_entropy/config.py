@@ -54,6 +54,9 @@ def pow2_floor(x: int) -> int:
 class PallasGpuConfig:
   """Tile shape and launch parameters of the `"pallas_gpu"` kernels (Triton; the forward Mosaic GPU on Hopper).
 
+  The attributes say what each field does; measured timings of the defaults and of the alternatives are in
+  BENCHMARKS.md.
+
   Attributes:
     block_n: tokens per tile (power of 2; Triton's dot wants >= 16 on a GPU).
     block_v: vocabulary entries per tile (power of 2).
@@ -65,30 +68,25 @@ class PallasGpuConfig:
     backward_warps: warps per program of the backward kernel; None: num_warps.
     dense_backward_above: with gradient filtering, when more than this fraction of the logit tiles may pass the
       filter (a bound from the forward's per-row tile maxima), the backward runs the dense blockwise GEMMs instead
-      of the tile-skipping kernels, which cost more than dense GEMMs when most tiles are kept (H200: break-even
-      at 0.52-0.64 of the tiles over gemma2_2b, llama3_8b_4k and qwen_small). 1.0: always the tile-skipping
-      kernels; 0.0: always dense.
-    dense_block_v, dense_block_elements: the dense backward's vocabulary block and its logits per block
-      (fp32: 2^26 is 256 MiB; H100 sweep: gemma2_2b 95.8 ms at 2048 / 2^23, 81.0 at 8192 / 2^26).
+      of the tile-skipping kernels, which cost more than dense GEMMs when most tiles are kept. 1.0: always the
+      tile-skipping kernels; 0.0: always dense.
+    dense_block_v, dense_block_elements: the dense backward's vocabulary block and its logits per block (fp32:
+      2^26 logits are 256 MiB).
     backward_buffer_bytes: the tile-skipping backward's dZ buffer (kept tiles in the compute dtype); more kept
       tiles than it holds run in several passes. None: 2^27 bytes, or 2^23 with low_memory (`buffer_bytes`).
-    low_memory: the filtered backward (filter_eps set, exact=False) in ~10-13 MiB of temporaries: the forward
-      codes each row's largest logit per tile against an estimate of the row's LSE from a vocabulary sample
-      (`lse_estimate`; a 2-bit code per row and tile from the Mosaic forward, one value per tile from Triton's)
-      and turns that into the keep mask at once; the kept tiles run in two sweeps over an 8 MiB dZ buffer, dC then
-      dE, each gradient written once from fp32 sums (`swept_backward`: no fp32 dE, no dense fallback, every kept
-      tile's dZ computed twice). Deterministic. Fast where few tiles are kept (peaked softmaxes) and slow where
-      many are (H200 loss + gradient, with / without: gemma2_2b peaked 21.7 / 19.0 ms at 13 / 311 MiB;
-      llama3_8b_4k peaked 12.0 / 10.3, random 37.4 / 20.3; the hidden states of a trained 126M model, V = 32768,
-      N = 16384: 61.3 / 5.7 ms, naive XLA 5.9; BENCHMARKS.md). Through the Triton forward the mask is
-      coarse (gemma2_2b peaked 45.2 ms). False (default): the tile-skipping backward of `compact_backward` (one
-      dZ per kept tile, a 128 MiB buffer, an fp32 dE) with a dense fallback when most tiles are kept, ~250-340
-      MiB of temporaries at the benchmark shapes. Exact mode and filter_eps=None keep the dense backward.
+    low_memory: the filtered backward (filter_eps set, exact=False) in little memory (an 8 MiB dZ buffer, the
+      tile lists and two fp32 carries): the forward codes each row's largest logit per tile against an estimate
+      of the row's LSE from a vocabulary sample (`lse_estimate`; a 2-bit code per row and tile from the Mosaic
+      forward, one value per tile from Triton's, a coarser mask) and turns that into the keep mask at once; the
+      kept tiles run in two sweeps over the dZ buffer, dC then dE, each gradient written once from fp32 sums
+      (`swept_backward`: no fp32 dE, no dense fallback, every kept tile's dZ computed twice). Deterministic.
+      Fast where few tiles are kept (peaked softmaxes), slow where many are. False (default): the tile-skipping
+      backward of `compact_backward` (one dZ per kept tile, a 128 MiB buffer, an fp32 dE) with a dense fallback
+      when most tiles are kept. Exact mode and filter_eps=None keep the dense backward.
     grad_block_d: the hidden-size block of each gradient program of the tile-skipping backward (power of 2).
     grad_block_n: the token tile of the tile-skipping backward and its keep mask (power of 2, >= 16 on a GPU).
       Smaller tiles skip more: on peaked inputs a kept tile is mostly there for one row's target, so the kept
-      work scales with grad_block_n (H200 loss + gradient, gemma2_2b peaked: low_memory=False 22.8 / 19.2 / 18.1
-      ms at 128 / 64 / 32; low_memory 29.6 / 23.7 / 21.8 / 21.5 ms at 128 / 64 / 32 / 16, the last at 18 MiB).
+      work scales with grad_block_n.
     sort_vocabulary: with gradient filtering, reorder the vocabulary by decreasing mean logit over the batch
       before the kernels, so that the entries with non-negligible softmax share logit tiles and fewer tiles are
       kept (CCE §4.3). Costs a permuted copy of c (V × D) and a scatter of dC; helps on real, Zipf-like
@@ -97,15 +95,13 @@ class PallasGpuConfig:
       "mosaic" (an error where it does not apply). The Mosaic forward (`mosaic_forward`: wgmma + TMA, warp
       specialised) needs bf16 e and c, no bias and D a multiple of 16 (V % 8 != 0 costs a padded copy of c),
       and fixes its own 128 × 256 CTA tiles (block_n, block_d, num_warps and num_stages are the Triton
-      forward's); num_splits applies to both. gemma2_2b forward: 14.9 ms vs Triton's 21.8 (H200), 15.3 vs 22.4 (H100).
+      forward's); num_splits applies to both.
     dense_backward_kernel: the dense backward (exact mode, filter_eps=None, and the filtered mode's fallback when
       most tiles are kept): "auto" takes its dZ from the Mosaic GPU kernel of `mosaic_dlogits` on Hopper GPUs
-      where it applies (same conditions as the Mosaic forward; H200 loss + gradient, exact: gemma2_2b 63.3 ms vs
-      69.8, llama3_8b_4k 28.1 vs 30.3; filtered, random llama3_8b_4k, which takes the fallback: 26.4 vs 31.3 ms;
-      filtered temporaries at gemma2_2b 310 vs 633 MiB), else from XLA; "xla"; or "mosaic" (an error where it
-      does not apply).
+      where it applies (same conditions as the Mosaic forward), else from XLA; "xla"; or "mosaic" (an error
+      where it does not apply).
     approx_math: the Mosaic kernels' exp2 and tanh use the GPU's approximate instructions (loss error ~1e-6
-      relative; 15.3 vs 20.6 ms at gemma2_2b on an H100).
+      relative).
   """
 
   block_n: int = 128
@@ -167,10 +163,10 @@ class PallasGpuConfig:
                 filtered: bool = False) -> "PallasGpuConfig":
     """The default for N tokens, V vocabulary entries, hidden size D, the softcap and gradient filtering.
 
-    128×128×64 tiles, 3 stages (H200 sweeps in BENCHMARKS.md). The forward runs 4 warps when its per-element
-    work is light (no softcap: two programs share an SM and hide each other's epilogue; llama3_8b_4k 7.8 vs
-    9.9 ms) and 8 with a softcap's tanh (gemma2_2b 21.1 vs 22.8 ms), except when filtering: then it also writes
-    every row's tile maxima, and 4 warps are faster again (gemma2_2b 22.8 vs 25.8 ms). The backward runs 8.
+    128×128×64 tiles, 3 stages. The forward runs 4 warps when its per-element work is light (no softcap: two
+    programs share an SM and hide each other's epilogue) and 8 with a softcap's tanh, except when filtering: then
+    it also writes every row's tile maxima, and 4 warps are faster again. The backward runs 8. (The sweeps behind
+    these choices: BENCHMARKS.md.)
     """
     del n, v, d
     return cls(num_warps=8 if softcap is not None and not filtered else 4, backward_warps=8)

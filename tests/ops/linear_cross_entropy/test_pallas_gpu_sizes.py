@@ -1,7 +1,8 @@
 """pallas_gpu at real sizes, compiled on an NVIDIA GPU (marked `gpu`; skipped elsewhere).
 
 The CCE paper's Table-1 shape against the fp32 reference (filtered and exact), exact mode bitwise identical run
-to run (and the filtered mode's tile-skipping backward), and a classifier with V·D > 2^31 elements (64-bit offsets inside the kernels).
+to run (and the filtered mode's tile-skipping backward), and a classifier with V·D > 2^31 elements (64-bit
+offsets inside the kernels).
 """
 
 from __future__ import annotations

@@ -1,22 +1,47 @@
-"""Installs `cce_jax`, mapping models/ and quant/ in as `cce_jax.models` and `cce_jax.quant`."""
+"""Installs `cce_jax`, mapping models/ and quant/ in as `cce_jax.models` and `cce_jax.quant`.
+
+The version is read from `cce_jax/__init__.py` (`__version__`), its one home, without importing the package.
+The scaling data sets in `cce_jax/scaling/data/` (CSVs, licences, provenance notes) ship as package data.
+"""
+
+import pathlib
+import re
 
 import setuptools
 
+ROOT = pathlib.Path(__file__).resolve().parent
+
+
+def _version():
+  text = (ROOT / "cce_jax" / "__init__.py").read_text(encoding="utf-8")
+  match = re.search(r"""^__version__ = ["']([^"']+)["']$""", text, flags=re.M)
+  if match is None:
+    raise RuntimeError("cce_jax/__init__.py has no __version__ = \"...\" line")
+  return match.group(1)
+
+
+def _mapped(folder, name):
+  """`name` and its sub-packages, found under `folder` (mapped through package_dir)."""
+  return [name] + [f"{name}.{p}" for p in setuptools.find_packages(where=folder)]
+
+
 setuptools.setup(
     name="cce_jax",
-    version="0.1.0",
+    version=_version(),
     description=(
         "Cut Cross-Entropy for JAX: the linear + softmax cross-entropy loss without materialising the"
         " logits, with scaling-law fitting and quantization tools."
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=(
         setuptools.find_packages(include=["cce_jax", "cce_jax.*"])
-        + ["cce_jax.models", "cce_jax.quant"]
+        + _mapped("models", "cce_jax.models")
+        + _mapped("quant", "cce_jax.quant")
     ),
     package_dir={"cce_jax.models": "models", "cce_jax.quant": "quant"},
+    package_data={"cce_jax.scaling": ["data/*.md", "data/*/*", "data/*/*/*"]},
     install_requires=[
         "jax>=0.11.2",
         "flax>=0.12",

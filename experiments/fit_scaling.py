@@ -3,13 +3,14 @@ r"""Fits a scaling law to a CSV of runs, or runs the registered reproductions of
   python experiments/fit_scaling.py --law=chinchilla --data=runs.csv --out=/tmp/fit [--bootstrap=200] \
       [--grid_stride=10]
   python experiments/fit_scaling.py --law=chinchilla --format=epoch --out=/tmp/epoch \
-      --data=../shared/data/scaling/epoch_chinchilla_replication/svg_extracted_data.csv
+      --data=$HOME/.cache/cce_jax/scaling/epoch_chinchilla_replication/svg_extracted_data.csv
   python experiments/fit_scaling.py --reproduce=all --out=/tmp/repro [--data_root=DIR] [--grid_stride=10]
 
 Input (--format=csv): a header row with one column per covariate of the law, named as in the law (chinchilla:
 `N`, `D`), a `loss` column and optionally `weight` (per-run weights of the objective); other columns are ignored.
 --format=epoch reads Epoch AI's svg_extracted_data.csv (`Model Size`, `Training FLOP`, `loss`; D = C / (6N); the 5
-highest losses dropped, as Besiroglu et al. do) for laws of (N, D).
+highest losses dropped, as Besiroglu et al. do) for laws of (N, D); `--reproduce=epoch_chinchilla` downloads it
+to the path above (cce_jax.scaling.sources).
 
 Fit mode prints a parameter table and writes DIR/fit.json (law, points, `params` under the papers' names,
 `theta` in fit space, the objective and convergence counts; with --bootstrap=K the bootstrap's percentile intervals
@@ -17,9 +18,13 @@ and standard errors; for Chinchilla laws the allocation exponents a = β/(α+β)
 (data and fitted law) and, for laws of (N, D), DIR/frontier.png (N_opt(C), with a band from the bootstrap draws) and
 DIR/isoflop.png when the runs form IsoFLOP profiles (>= 3 runs at each of >= 2 compute budgets).
 
---reproduce=NAME[,NAME...] or `all` runs the registered reproductions (cce_jax.scaling.reproduce) on --data_root and
-prints a markdown table of reproduced against published numbers, also written to DIR/reproductions.md and
-DIR/reproductions.json. With `all`, a reproduction whose module or data is missing is reported and skipped.
+--reproduce=NAME[,NAME...] or `all` runs the registered reproductions (cce_jax.scaling.reproduce), printing a line
+as each finishes, then a markdown table of reproduced against published numbers, also written to
+DIR/reproductions.md and DIR/reproductions.json. The data ship with cce_jax, except Epoch AI's Chinchilla points,
+which are downloaded on first use from a pinned URL and cached under ~/.cache/cce_jax/ ($CCE_JAX_CACHE or
+$XDG_CACHE_HOME move it). --data_root=DIR (one sub-folder per data set, as in cce_jax/scaling/data/) is used first
+where it has a data set: offline use, or your own copies. A reproduction that fails (its data missing, say) is
+reported, the others still run, and the exit status is 1.
 --grid_stride=k uses every k-th start of the law's multi-start grid (faster, for smoke runs).
 """
 
@@ -30,7 +35,7 @@ import importlib
 import importlib.util
 import json
 import os
-import pathlib
+import sys
 import time
 
 from absl import app
@@ -45,8 +50,6 @@ from cce_jax.scaling import isoflop
 from cce_jax.scaling import laws as laws_lib
 from cce_jax.scaling import plots
 from cce_jax.scaling import reproduce
-
-DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "scaling"
 
 _LAW = flags.DEFINE_string("law", None, "Law name (cce_jax.scaling.LAWS), e.g. chinchilla.")
 _DATA = flags.DEFINE_string("data", None, "CSV of runs (see the module docstring for the columns).")
@@ -63,7 +66,8 @@ _ISOFLOP_TOL = flags.DEFINE_float("isoflop_log10_tolerance", 1e-6,
 _ISOFLOP_WINDOW = flags.DEFINE_integer("isoflop_window", 0,
                                        "Points on each side of a budget's lowest loss in its parabola (0: all).")
 _REPRODUCE = flags.DEFINE_string("reproduce", None, "Reproduction name(s), comma-separated, or 'all'.")
-_DATA_ROOT = flags.DEFINE_string("data_root", str(DEFAULT_DATA_ROOT), "Folder of the public scaling data sets.")
+_DATA_ROOT = flags.DEFINE_string("data_root", None, "Folder with one sub-folder per scaling data set, used before the "
+                                  "packaged and cached copies where it has one (offline use).")
 
 
 # ----------------------------------------------------------------------------------------------------- input
@@ -76,16 +80,22 @@ def read_runs(path: str, law: laws_lib.Law, fmt: str = "csv"):
   if fmt == "epoch":
     if law.covariates != ("N", "D"):
       raise app.UsageError(f"--format=epoch gives (N, D); law {law.name!r} needs {law.covariates}")
-    x, loss = datasets.load_epoch_chinchilla(path)
+    try:
+      x, loss = datasets.load_epoch_chinchilla(path)
+    except ValueError as e:
+      raise app.UsageError(f"--data: {e}") from None
     return x, loss, None
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    columns = list(reader.fieldnames or ())
-    missing = [c for c in (*law.covariates, "loss") if c not in columns]
-    if missing:
-      raise app.UsageError(f"{path!r} lacks the columns {missing} (law {law.name!r} needs "
-                           f"{[*law.covariates, 'loss']} and optionally 'weight'; found {columns})")
-    rows = list(reader)
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f)
+      columns = list(reader.fieldnames or ())
+      missing = [c for c in (*law.covariates, "loss") if c not in columns]
+      if missing:
+        raise app.UsageError(f"{path!r} lacks the columns {missing} (law {law.name!r} needs "
+                             f"{[*law.covariates, 'loss']} and optionally 'weight'; found {columns})")
+      rows = list(reader)
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise app.UsageError(f"--data: {path!r} is not a UTF-8 CSV text file ({e})") from None
   if not rows:
     raise app.UsageError(f"{path!r} has no rows")
 
@@ -267,26 +277,28 @@ def parameter_table(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------- reproduce mode
 
 
-def reproduce_command(*, names: str, data_root: str, out: str, grid_stride: int = 1) -> dict:
-  """Runs the named reproductions ('all' or comma-separated); prints and writes the markdown table and JSON."""
+def reproduce_command(*, names: str, data_root: str | None, out: str, grid_stride: int = 1) -> dict:
+  """Runs the named reproductions ('all' or comma-separated), printing a line as each finishes; prints and writes
+  the markdown table and JSON. A reproduction that raises ValueError or OSError (e.g. missing data) is reported as
+  {"error": message} in the returned report and the others still run."""
   chosen = list(reproduce.REPRODUCTIONS) if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
   unknown = [n for n in chosen if n not in reproduce.REPRODUCTIONS]
   if unknown or not chosen:
     raise app.UsageError(f"unknown reproduction(s) {unknown}; choose from {sorted(reproduce.REPRODUCTIONS)} or all")
   os.makedirs(out, exist_ok=True)
   results, report = {}, {}
-  for name in chosen:
+  for i, name in enumerate(chosen, 1):
     start = time.time()
     try:
       rows = reproduce.run(name, data_root, grid_stride=grid_stride)
-    except (ValueError, FileNotFoundError) as e:
-      if names != "all":
-        raise app.UsageError(f"reproduction {name!r}: {e}") from e
-      print(f"skipped {name}: {e}")
+    except (ValueError, OSError) as e:
       report[name] = {"error": str(e)}
+      print(f"[{i}/{len(chosen)}] {name}: FAILED ({type(e).__name__}; the message is printed at the end)",
+            flush=True)
       continue
     results[name] = rows
     report[name] = {"seconds": round(time.time() - start, 2), "rows": rows}
+    print(f"[{i}/{len(chosen)}] {name}: {len(rows)} rows in {report[name]['seconds']:.1f} s", flush=True)
   table = reproduce.markdown_table(results)
   print(table)
   with open(os.path.join(out, "reproductions.md"), "w", encoding="utf-8") as f:
@@ -296,21 +308,36 @@ def reproduce_command(*, names: str, data_root: str, out: str, grid_stride: int 
   return report
 
 
-def main(argv):
+def run_main(argv) -> int:
+  """The command behind main; raises app.UsageError for bad flags or input. Returns the exit status."""
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not _OUT.value:
     raise app.UsageError("--out is required")
   if _REPRODUCE.value:
-    reproduce_command(names=_REPRODUCE.value, data_root=_DATA_ROOT.value, out=_OUT.value,
-                      grid_stride=_GRID_STRIDE.value)
-    return
+    report = reproduce_command(names=_REPRODUCE.value, data_root=_DATA_ROOT.value, out=_OUT.value,
+                               grid_stride=_GRID_STRIDE.value)
+    failed = {name: r["error"] for name, r in report.items() if "error" in r}
+    for name, error in failed.items():
+      print(f"error: reproduction {name!r} failed: {error}", file=sys.stderr)
+    return 1 if failed else 0
   if not (_LAW.value and _DATA.value):
     raise app.UsageError("give --law and --data (fit mode) or --reproduce (reproduction mode)")
   fit_command(law_name=_LAW.value, data=_DATA.value, out=_OUT.value, fmt=_FORMAT.value, resamples=_BOOTSTRAP.value,
               level=_LEVEL.value, seed=_SEED.value, grid_stride=_GRID_STRIDE.value, reduction=_REDUCTION.value,
               delta=_DELTA.value, isoflop_tolerance=_ISOFLOP_TOL.value, isoflop_window=_ISOFLOP_WINDOW.value)
+  return 0
+
+
+def main(argv):
+  # absl prints the whole --help before a UsageError's message; print the message alone.
+  try:
+    status = run_main(argv)
+  except app.UsageError as e:
+    print(f"{os.path.basename(argv[0])}: {e} (see --help)", file=sys.stderr)
+    status = e.exitcode
+  sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Loaders for the public scaling data sets of the law families (read by path; nothing is bundled).
+"""Loaders for the public scaling data sets of the law families, by path.
 
-Each loader takes the file or folder described in that data set's README (under shared/data/scaling/) and returns
-float64 arrays. A missing file raises FileNotFoundError naming it; a file without the expected columns raises
-ValueError naming them.
+Each loader takes the file or folder described in that data set's PROVENANCE.md and returns float64 arrays;
+`sources.folder(name)` gives the folder (packaged with cce_jax, or Epoch AI's downloaded on first use). A missing file
+raises FileNotFoundError naming it; a file that is not UTF-8 CSV text or lacks the expected columns raises ValueError.
 """
 
 from __future__ import annotations
@@ -25,13 +25,16 @@ def _read_csv(path, required):
   """Rows of a CSV as dicts, after checking the file exists and has the `required` columns."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no such data file: {path!r} (see shared/data/scaling/README.md for the data sets)")
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in required if c not in (reader.fieldnames or ())]
-    if missing:
-      raise ValueError(f"{path!r} lacks the columns {missing}")
-    rows = list(reader)
+    raise FileNotFoundError(f"no such data file: {path!r} (cce_jax.scaling.sources lists the data sets)")
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f)
+      missing = [c for c in required if c not in (reader.fieldnames or ())]
+      if missing:
+        raise ValueError(f"{path!r} lacks the columns {missing}")
+      rows = list(reader)
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise ValueError(f"{path!r} is not a UTF-8 CSV text file ({e})") from None
   if not rows:
     raise ValueError(f"{path!r} has no rows")
   return rows

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +12,6 @@ from cce_jax import scaling
 from cce_jax.scaling import bootstrap
 from cce_jax.scaling import datasets
 from cce_jax.scaling.laws import Law
-
-EPOCH_CSV = (pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "scaling" /
-             "epoch_chinchilla_replication" / "svg_extracted_data.csv")
-
 
 def _saturating_log_loss(theta, x):
   # L(N) = A / N^alpha + E, fitted as LSE(a - alpha log N, e).
@@ -149,9 +143,8 @@ def test_intervals_cover_the_truth_at_about_the_nominal_rate():
   assert 0.6 < ratio < 1.7, ratio
 
 
-@pytest.mark.skipif(not EPOCH_CSV.exists(), reason="Epoch AI's Chinchilla data is not present")
-def test_epoch_ai_pairs_bootstrap():
-  x, loss = datasets.load_epoch_chinchilla(str(EPOCH_CSV))
+def test_epoch_ai_pairs_bootstrap(epoch_csv):
+  x, loss = datasets.load_epoch_chinchilla(epoch_csv)
   full = scaling.fit(scaling.CHINCHILLA, x, loss, init=scaling.CHINCHILLA.init_grid()[::100])
   result = bootstrap.bootstrap_fit(scaling.CHINCHILLA, x, loss, draws=100, fit_result=full, compute=[5.76e23])
   assert result.failed <= 2

@@ -1,21 +1,18 @@
-"""Loaders of the public scaling data sets: shapes and values on the real files (skipped when absent), bad input."""
+"""Loaders of the public scaling data sets: shapes and values on the packaged files, bad input."""
 
 from __future__ import annotations
-
-import pathlib
 
 import numpy as np
 import pytest
 
 from cce_jax.scaling import datasets
+from cce_jax.scaling import sources
 
-DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "scaling"
-MUENNIGHOFF = DATA / "muennighoff2023_datablations"
-GADRE = DATA / "gadre2024_overtraining"
-LUO = DATA / "luo2025_multipower_lr_schedules"
+MUENNIGHOFF = sources.folder("muennighoff2023_datablations")
+GADRE = sources.folder("gadre2024_overtraining")
+LUO = sources.folder("luo2025_multipower_lr_schedules")
 
 
-@pytest.mark.skipif(not MUENNIGHOFF.exists(), reason="Muennighoff et al.'s runs are not present")
 def test_load_muennighoff():
   x, loss = datasets.load_muennighoff(MUENNIGHOFF / "fit_runs_182.csv")
   assert x.shape == (182, 3) and loss.shape == (182,)
@@ -27,7 +24,6 @@ def test_load_muennighoff():
   assert x_all.shape == (296, 3)
 
 
-@pytest.mark.skipif(not GADRE.exists(), reason="Gadre et al.'s evaluations are not present")
 def test_load_gadre():
   runs = datasets.load_gadre(GADRE)
   assert len(runs.name) == 104 and runs.n.shape == (104,)
@@ -42,7 +38,6 @@ def test_load_gadre():
     runs.select(np.ones(3, bool))
 
 
-@pytest.mark.skipif(not LUO.exists(), reason="Luo et al.'s loss curves are not present")
 def test_load_luo_curves_and_rebuilt_schedules():
   curves = datasets.load_luo_curves(LUO, "100M")
   assert len(curves) == 9 and "wsdcon_9" in curves

@@ -1,9 +1,11 @@
 """experiments/fit_scaling.py: fit mode on a small synthetic CSV (as a process and in-process with a stand-in
-bootstrap), bad input, and the reproductions (registry, Epoch AI's Chinchilla fit, Porian et al.'s exponents)."""
+bootstrap), bad input and short usage errors, and the reproductions (registry, progress lines, missing data, Epoch
+AI's Chinchilla fit from the download cache, Porian et al.'s exponents)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import os
@@ -14,25 +16,25 @@ import sys
 import types
 
 from absl import app
+from absl import flags
+from absl.testing import flagsaver
 import numpy as np
 import pytest
 
 from cce_jax import scaling
 from cce_jax.scaling import allocation
 from cce_jax.scaling import reproduce
+from cce_jax.scaling import sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "experiments" / "fit_scaling.py"
-DATA_ROOT = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "scaling"
-EPOCH = DATA_ROOT / "epoch_chinchilla_replication" / "svg_extracted_data.csv"
-PORIAN = DATA_ROOT / "porian2024_resolving_discrepancies"
 
 TRUTH = dict(A=406.4, B=410.7, E=1.69, alpha=0.34, beta=0.28)
 STRIDE = "100"  # 45 of the 4,500 grid starts
 
 
-def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu")
+def _env(**overrides):
+  return dict(os.environ, JAX_PLATFORMS="cpu", **overrides)
 
 
 def _write_runs(path, weight=True):
@@ -50,8 +52,8 @@ def _write_runs(path, weight=True):
   return path
 
 
-def _run(*args):
-  return subprocess.run([sys.executable, str(SCRIPT), *args], env=_env(), capture_output=True, text=True,
+def _run(*args, **env):
+  return subprocess.run([sys.executable, str(SCRIPT), *args], env=_env(**env), capture_output=True, text=True,
                         timeout=600)
 
 
@@ -84,15 +86,26 @@ def test_fit_mode_writes_json_table_and_plots(tmp_path):
     (["--law=chinchilla", "--data={bad}"], "lacks the columns \\['D'\\]"),
     (["--data={data}"], "give --law and --data"),
     (["--reproduce=nonesuch"], "unknown reproduction"),
+    (["--law=chinchilla", "--data={binary}"], "is not a UTF-8 CSV text file"),
+    (["--law=chinchilla", "--data={nul}"], "column 'N' has a value that is not a number"),
+    (["--law=chinchilla", "--format=epoch", "--data={binary}"], "is not a UTF-8 CSV text file"),
 ])
 def test_usage_errors(tmp_path, args, match):
   data = _write_runs(tmp_path / "runs.csv")
   bad = tmp_path / "bad.csv"
   bad.write_text("N,loss\n1e9,2.5\n")
-  args = [a.format(missing=tmp_path / "nope.csv", data=data, bad=bad) for a in args]
+  binary = tmp_path / "runs.bin"
+  binary.write_bytes(bytes(range(256)) * 8)  # 0x80 and above: not UTF-8
+  nul = tmp_path / "nul.csv"
+  nul.write_bytes(b"N,D,loss\n1\x00,2,3\n")  # valid UTF-8, but a NUL inside the CSV
+  args = [a.format(missing=tmp_path / "nope.csv", data=data, bad=bad, binary=binary, nul=nul) for a in args]
   proc = _run(*args, f"--out={tmp_path / 'out'}")
-  assert proc.returncode != 0
-  assert re.search(match, proc.stderr + proc.stdout), proc.stderr[-2000:]
+  assert proc.returncode == 1
+  # The message alone, on one line: no traceback, no 60 lines of --help.
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("fit_scaling.py: "), proc.stderr[-3000:]
+  assert re.search(match, lines[0]) and lines[0].endswith("(see --help)"), lines[0]
+  assert "Traceback" not in proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -172,12 +185,11 @@ def test_rows_and_markdown_table():
   assert "| x | c | 3 | — | — |  |" in table
 
 
-@pytest.mark.skipif(not PORIAN.exists(), reason="Porian et al.'s data is not present")
 def test_porian_exponents(script, tmp_path, monkeypatch):
   # Through the CLI's `all` path, with a registered module that is missing: it is reported and skipped.
   monkeypatch.setattr(reproduce, "REPRODUCTIONS", {"porian": "cce_jax.scaling.reproduce.porian",
                                                    "nowhere": "cce_jax.scaling.reproduce.nowhere"})
-  report = script.reproduce_command(names="all", data_root=str(DATA_ROOT), out=str(tmp_path))
+  report = script.reproduce_command(names="all", data_root=None, out=str(tmp_path))  # the packaged data
   assert "not in this checkout" in report["nowhere"]["error"]
   rows = {r["quantity"]: r for r in report["porian"]["rows"]}
   assert len(rows) == 20
@@ -192,11 +204,12 @@ def test_porian_exponents(script, tmp_path, monkeypatch):
   assert "| porian |" in (tmp_path / "reproductions.md").read_text()
 
 
-@pytest.mark.skipif(not EPOCH.exists(), reason="Epoch AI's Chinchilla data is not present")
-def test_reproduce_epoch_chinchilla_end_to_end(tmp_path):
-  proc = _run("--reproduce=epoch_chinchilla", f"--data_root={DATA_ROOT}", f"--out={tmp_path}",
-              f"--grid_stride={STRIDE}")
+def test_reproduce_epoch_chinchilla_end_to_end(tmp_path, epoch_cache):
+  # No --data_root: the file comes from the download cache (filled from a local copy by the fixture).
+  proc = _run("--reproduce=epoch_chinchilla", f"--out={tmp_path}", f"--grid_stride={STRIDE}",
+              CCE_JAX_CACHE=str(epoch_cache))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.startswith("[1/1] epoch_chinchilla: ")
   assert "| epoch_chinchilla | (a) Huber-sum grid fit: alpha |" in proc.stdout
   assert (tmp_path / "reproductions.md").read_text() in proc.stdout
   report = json.loads((tmp_path / "reproductions.json").read_text())
@@ -208,3 +221,41 @@ def test_reproduce_epoch_chinchilla_end_to_end(tmp_path):
     b = rows[f"(b) mean objective, L-BFGS-B stop: {name}"]
     assert b["reproduced"] == pytest.approx(b["published"], rel=2e-3), name
   assert rows["(b) mean objective, L-BFGS-B stop: iterations"]["reproduced"] <= 3
+
+
+def test_reproduce_all_prints_a_line_as_each_finishes(script, tmp_path, monkeypatch, capsys):
+  seen = []
+
+  def fake_run(name, data_root, **options):
+    seen.append(capsys.readouterr().out)  # what was printed before this reproduction started
+    if name == "b":
+      raise sources.DataUnavailable("no data for b")
+    return [{"quantity": "q", "reproduced": 1.0, "published": 1.0}]
+
+  monkeypatch.setattr(reproduce, "REPRODUCTIONS", {"a": "x.a", "b": "x.b", "c": "x.c"})
+  monkeypatch.setattr(reproduce, "run", fake_run)
+  report = script.reproduce_command(names="all", data_root=None, out=str(tmp_path))
+  assert seen[0] == ""
+  assert re.fullmatch(r"\[1/3\] a: 1 rows in \d+\.\d s\n", seen[1])
+  assert seen[2] == "[2/3] b: FAILED (DataUnavailable; the message is printed at the end)\n"
+  assert report["b"] == {"error": "no data for b"} and report["c"]["rows"]
+
+
+def test_missing_data_is_an_error_naming_it(script, tmp_path, monkeypatch, capsys):
+  # The pinned URL replaced by one that cannot be read: as offline, without touching the network.
+  unreachable = dataclasses.replace(sources.EPOCH_CHINCHILLA, url=(tmp_path / "gone.csv").as_uri())
+  monkeypatch.setitem(sources.DOWNLOADS, unreachable.folder, unreachable)
+  with flagsaver.flagsaver():
+    flags.FLAGS(["fit_scaling.py", "--reproduce=epoch_chinchilla,muennighoff", f"--out={tmp_path / 'out'}",
+                 f"--data_root={tmp_path / 'empty'}"])
+    with pytest.raises(SystemExit) as exit_info:
+      script.main(["fit_scaling.py"])
+  assert exit_info.value.code == 1
+  out, err = capsys.readouterr()
+  assert "[1/2] epoch_chinchilla: FAILED" in out and "[2/2] muennighoff: " in out and "| muennighoff |" in out
+  message = err.strip()
+  assert message.startswith("error: reproduction 'epoch_chinchilla' failed: ")
+  for needed in ("epoch_chinchilla_replication/svg_extracted_data.csv", unreachable.url,
+                 str(tmp_path / "empty"), "--data_root=DIR"):
+    assert needed in message, needed
+  assert not list(pathlib.Path(os.environ["CCE_JAX_CACHE"]).rglob("*.csv"))

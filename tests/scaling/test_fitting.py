@@ -3,8 +3,6 @@ maximum-likelihood estimator, best-start selection, bad input."""
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +12,6 @@ from cce_jax import scaling
 from cce_jax.scaling import datasets
 from cce_jax.scaling import fitting
 from cce_jax.scaling import batched_lbfgs as lbfgs_lib
-
-EPOCH_CSV = (pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "scaling" /
-             "epoch_chinchilla_replication" / "svg_extracted_data.csv")
-
 
 def _synthetic(law, theta, n_points=200, noise=0.0, seed=0):
   rng = np.random.default_rng(seed)
@@ -64,9 +58,8 @@ def test_agrees_with_scipy_from_the_same_start():
   np.testing.assert_allclose(ours.theta, ref.x, atol=2e-3)
 
 
-@pytest.mark.skipif(not EPOCH_CSV.exists(), reason="Epoch AI's Chinchilla data is not present")
-def test_reproduces_epoch_ai_huber_sum_fit_from_the_full_grid():
-  x, loss = datasets.load_epoch_chinchilla(str(EPOCH_CSV))
+def test_reproduces_epoch_ai_huber_sum_fit_from_the_full_grid(epoch_csv):
+  x, loss = datasets.load_epoch_chinchilla(epoch_csv)
   assert x.shape == (240, 2)
   result = scaling.fit(scaling.CHINCHILLA, x, loss)  # Chinchilla's 4,500-start grid, raced down to 64 starts
   assert result.starts == 4500 and result.status_counts["pruned"] > 0
@@ -166,10 +159,9 @@ def test_huber_ml_recovers_parameters_and_noise_scale():
   assert result.objective == pytest.approx(nll, rel=1e-8)
 
 
-@pytest.mark.skipif(not EPOCH_CSV.exists(), reason="Epoch AI's Chinchilla data is not present")
-def test_huber_ml_reproduces_epoch_ai_published_estimates():
+def test_huber_ml_reproduces_epoch_ai_published_estimates(epoch_csv):
   # Besiroglu et al. (2024), Table 1: A 482.01, B 2085.43, E 1.82, α 0.3478, β 0.3658.
-  x, loss = datasets.load_epoch_chinchilla(str(EPOCH_CSV))
+  x, loss = datasets.load_epoch_chinchilla(epoch_csv)
   result = scaling.fit(scaling.CHINCHILLA, x, loss, estimator="huber_ml", init=scaling.CHINCHILLA.init_grid()[::300])
   assert result.converged and result.delta == 1e-3
   published = {"A": 482.01, "B": 2085.43, "E": 1.82, "alpha": 0.3478, "beta": 0.3658}

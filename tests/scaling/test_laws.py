@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 
 from cce_jax import scaling
 from cce_jax.scaling import datasets
+from cce_jax.scaling import sources
 from cce_jax.scaling.laws import bivariate
 from cce_jax.scaling.laws import data_constrained
 from cce_jax.scaling.laws import kaplan
@@ -18,8 +17,7 @@ from cce_jax.scaling.laws import lr_schedule
 from cce_jax.scaling.laws import overtraining
 from cce_jax.scaling.laws import saturating
 
-DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "scaling"
-LUO = DATA / "luo2025_multipower_lr_schedules"
+LUO = sources.folder("luo2025_multipower_lr_schedules")
 
 
 def _log_loss(law, theta, x):
@@ -289,7 +287,6 @@ def test_schedule_law_bad_input(make, match):
     make()
 
 
-@pytest.mark.skipif(not LUO.exists(), reason="Luo et al.'s loss curves are not present")
 def test_published_multi_power_fit_explains_the_25m_curves():
   curves = datasets.load_luo_curves(str(LUO), 25)
   names = sorted(curves)

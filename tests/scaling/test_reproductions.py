@@ -1,25 +1,19 @@
-"""Golden reproductions on the public data sets (skipped where the data is absent)."""
+"""Golden reproductions on the packaged public data sets."""
 
 from __future__ import annotations
-
-import pathlib
 
 import pytest
 
 from cce_jax.scaling.reproduce import gadre
 from cce_jax.scaling.reproduce import muennighoff
 
-DATA_ROOT = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "scaling"
 
-
-def _rows(module, folder):
-  if not (DATA_ROOT / folder).exists():
-    pytest.skip(f"{folder} is not present")
-  return {r["quantity"]: r for r in module.run(str(DATA_ROOT))}
+def _rows(module):
+  return {r["quantity"]: r for r in module.run()}  # the data packaged with cce_jax
 
 
 def test_muennighoff_published_law():
-  rows = _rows(muennighoff, muennighoff.FOLDER)
+  rows = _rows(muennighoff)
   assert rows["R² of the published law (182 runs)"]["reproduced"] == pytest.approx(0.7722, abs=5e-5)
   assert rows["Huber objective of the published law"]["reproduced"] == pytest.approx(0.0158259, rel=1e-5)
   # The refit may move along the flat valley but never ends above the published optimum's objective.
@@ -28,7 +22,7 @@ def test_muennighoff_published_law():
 
 
 def test_gadre_loss_extrapolation():
-  rows = _rows(gadre, gadre.FOLDER)
+  rows = _rows(gadre)
   curve_fit = {q: r for q, r in rows.items() if q.startswith("loss relative error") and "curve_fit" in q}
   if not curve_fit:
     pytest.skip("scipy is not installed: no curve_fit rows")

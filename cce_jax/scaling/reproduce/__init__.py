@@ -1,10 +1,12 @@
 """Reproductions of published scaling-law results from public data, by name.
 
 Each reproduction is a module with a docstring saying what it reproduces and
-  run(data_root: str, **options) -> list[dict]
+  run(data_root: str | None = None, **options) -> list[dict]
 whose rows have keys `quantity` (str), `reproduced` (float), `published` (float or None) and optionally `note`.
-`data_root` is the folder holding one sub-folder per data set (see each module for which). Modules are imported
-lazily by name, so one that is missing or broken only fails when it is asked for.
+The data come from `cce_jax.scaling.sources.folder(name, data_root)`: a sub-folder of `data_root` when it is there,
+else the copy packaged with cce_jax, else (Epoch AI's points) the cached download. Missing data raise
+`sources.DataUnavailable` (a FileNotFoundError) saying how to get them. Modules are imported lazily by name, so one
+that is missing or broken only fails when it is asked for.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def get(name: str) -> types.ModuleType:
   return module
 
 
-def run(name: str, data_root: str, **options) -> list[dict]:
-  """Runs reproduction `name` on `data_root` and checks its rows. `options` (e.g. grid_stride) are passed on only
+def run(name: str, data_root: str | None = None, **options) -> list[dict]:
+  """Runs reproduction `name` (on `data_root`, or the packaged / cached data) and checks its rows. `options` (e.g. grid_stride) are passed on only
   to a `run` that accepts them."""
   fn = get(name).run
   params = inspect.signature(fn).parameters

@@ -1,14 +1,15 @@
 """Epoch AI's replication of Chinchilla's parametric fit (Besiroglu et al. 2024, arXiv:2404.10102).
 
-Data: `{data_root}/epoch_chinchilla_replication/svg_extracted_data.csv`, the 245 points Epoch digitised from
+Data: `epoch_chinchilla_replication/svg_extracted_data.csv`, downloaded on first use and cached
+(`sources.EPOCH_CHINCHILLA`; or under data_root), the 245 points Epoch digitised from
 Hoffmann et al.'s Figure 4, less the 5 highest losses (240 points); D = C / (6 N).
 
 (a) The Huber-sum fit. Σ_i Huber_δ(LSE(a − α ln N_i, b − β ln D_i, e) − ln L_i) with δ = 1e-3, from Chinchilla's
     4,500-start grid, gives A = 477.8, B = 2143.8, E = 1.8172, α = 0.3473, β = 0.3672 (Epoch's grid L-BFGS-B fit,
-    rerun with scipy in the data's README).
+    as their notebook prints it; reproduced with scipy).
 (b) The mean-objective failure. Hoffmann et al. minimised the mean of the same terms. Started from Hoffmann's
     unrounded TeX parameters, scipy's L-BFGS-B with its default tolerances stops after about 2 iterations at
-    A = 406.4, B = 410.7, E = 1.693, α = 0.339, β = 0.285 (the data's README): it stops when the relative reduction
+    A = 406.4, B = 410.7, E = 1.693, α = 0.339, β = 0.285 (a scipy rerun of Epoch's finding): it stops when the relative reduction
     (f_k − f_k+1) / max(|f_k|, |f_k+1|, 1) falls below ~2.2e-9, and a mean of ~5e-6 makes that denominator 1.
 (c) The contrast. `cce_jax.scaling.fit(reduction="mean")` from the same start stops on the gradient norm instead, so
     the mean's small scale does not stop it early: the rows report where it ends, next to Epoch's fit from (a).
@@ -16,7 +17,7 @@ Hoffmann et al.'s Figure 4, less the 5 highest losses (240 points); D = C / (6 N
 
 from __future__ import annotations
 
-import os
+import pathlib
 import warnings
 
 import jax
@@ -25,6 +26,7 @@ import numpy as np
 
 from cce_jax.scaling import datasets
 from cce_jax.scaling import fitting
+from cce_jax.scaling import sources
 from cce_jax.scaling.laws import CHINCHILLA
 
 FOLDER = "epoch_chinchilla_replication"
@@ -32,7 +34,7 @@ CSV = "svg_extracted_data.csv"
 NAMES = ("A", "B", "E", "alpha", "beta")
 
 EPOCH_HUBER_SUM = {"A": 477.8, "B": 2143.8, "E": 1.8172, "alpha": 0.3473, "beta": 0.3672}
-"""Epoch's Huber-sum grid fit (the data's README)."""
+"""Epoch's Huber-sum grid fit (their notebook's output)."""
 
 HOFFMANN_TEX_THETA = np.array([6.0073404, 6.0179186, 0.5267228, 0.33917084, 0.2849083])
 """Hoffmann et al.'s unrounded parameters (a, b, e, α, β) from the paper's TeX source, as Epoch used them."""
@@ -41,14 +43,13 @@ HOFFMANN_PUBLISHED = {"A": 406.4, "B": 410.7, "E": 1.69, "alpha": 0.34, "beta": 
 """Hoffmann et al.'s rounded published values."""
 
 MEAN_STOP = {"A": 406.4, "B": 410.7, "E": 1.693, "alpha": 0.339, "beta": 0.285, "iterations": 2}
-"""Where L-BFGS-B on the mean objective stops, from Hoffmann's start (the data's README)."""
+"""Where L-BFGS-B on the mean objective stops, from Hoffmann's start (a scipy rerun)."""
 
 
-def csv_path(data_root: str) -> str:
-  path = os.path.join(data_root, FOLDER, CSV)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Epoch AI's Chinchilla data is not at {path} (data_root should hold {FOLDER}/)")
-  return path
+def csv_path(data_root: str | None = None) -> pathlib.Path:
+  """{data_root}/epoch_chinchilla_replication/svg_extracted_data.csv when there, else the cached download (fetched
+  on a miss; `sources.DataUnavailable` naming the URL when that fails)."""
+  return sources.folder(FOLDER, data_root) / CSV
 
 
 def mean_objective_lbfgsb(x, loss, theta0, delta: float = 1e-3):
@@ -82,7 +83,7 @@ def _rows(prefix, params, published, note):
            "note": note if i == 0 else ""} for i, k in enumerate(NAMES)]
 
 
-def run(data_root: str, *, grid_stride: int = 1) -> list[dict]:
+def run(data_root: str | None = None, *, grid_stride: int = 1) -> list[dict]:
   """Rows for (a), (b) and (c) above; `grid_stride` > 1 uses every k-th start of Chinchilla's grid in (a)."""
   if grid_stride < 1:
     raise ValueError(f"grid_stride must be >= 1, got {grid_stride}")

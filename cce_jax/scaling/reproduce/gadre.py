@@ -1,30 +1,31 @@
 """Gadre et al. (2024), "Language models scale reliably with over-training and on downstream tasks".
 
-Data: `{data_root}/gadre2024_overtraining/` (104 models: C4 validation loss, 46 downstream accuracies).
+Data: `gadre2024_overtraining/` (packaged; `sources.folder`): 104 models, C4 validation loss, 46 downstream
+accuracies.
 
-(a) Loss extrapolation (paper Table 2 defaults, the data's README). Fit L(C, M) = E + (a M^η + b M^−η) C^−η on the
-    5 small RedPajama (rpj) runs: the 4 smallest models at M = 20 and the d=96 model at M = 320; predict the C4
+(a) Loss extrapolation (paper Table 2 defaults, the data's PROVENANCE.md). Fit L(C, M) = E + (a M^η + b M^−η) C^−η
+    on the 5 small RedPajama (rpj) runs: the 4 smallest models at M = 20 and the d=96 model at M = 320; predict the C4
     validation loss of open_lm_1b at M = 640 and open_lm_7b at M = 20; report the relative error
-    |L̂ − L| / L in percent. Published (the README's rerun of the upstream notebook): 0.710 % and 0.732 %. Two fits:
+    |L̂ − L| / L in percent. Published (the upstream notebook's output): 0.710 % and 0.732 %. Two fits:
     Gadre et al.'s own procedure (scipy `curve_fit`, Levenberg–Marquardt, least squares on L, from their grid of
     128 starts, lowest residual wins) and `cce_jax.scaling.fit` (Huber δ = 1e-3 on log L, from the same grid
     mapped to fit space, E = 0 replaced by 0.1).
 (b) Downstream error. Err(L) = ε − k exp(−γ L) fitted (`cce_jax.scaling.fit`, Huber on log Err) on the rpj models up
     to 0.411B parameters (all M), with Err = 1 − mean accuracy over the 46 tasks; the error of the two large
-    models predicted from their predicted loss (the chain the paper uses) and from their measured loss. The
-    README gives no published numbers for this (the paper also uses a 17-task subset not listed there).
+    models predicted from their predicted loss (the chain the paper uses) and from their measured loss.
+    PROVENANCE.md gives no published numbers for this (the paper also uses a 17-task subset not listed there).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import warnings
 
 import numpy as np
 
 from cce_jax.scaling import datasets
 from cce_jax.scaling import fitting
+from cce_jax.scaling import sources
 from cce_jax.scaling.laws.overtraining import DOWNSTREAM_ERROR
 from cce_jax.scaling.laws.overtraining import OVERTRAINING
 from cce_jax.scaling.laws.overtraining import overtraining_covariates
@@ -33,10 +34,10 @@ FOLDER = "gadre2024_overtraining"
 DATASET = "rpj"
 SMALL_MODELS = ("d=96_l=8_h=4", "d=512_l=8_h=4", "d=576_l=24_h=8", "d=1024_l=24_h=8")
 TARGETS = {("open_lm_1b", 640.0): 0.710, ("open_lm_7b", 20.0): 0.732}
-"""(model, M) -> published relative error of the loss prediction in percent (the data's README)."""
+"""(model, M) -> published relative error of the loss prediction in percent (the data's PROVENANCE.md)."""
 
 PAPER_GRID = {"a": (1e2, 3e2, 1e3, 3e3), "beta": (1e2, 3e2, 1e3, 3e3), "b": (-0.1, -0.3), "E": (0.0, 1.0, 2.0, 10.0)}
-"""Gadre et al.'s starts for L = E + a N^b + β 6^(b/2) (M N)^b (the data's README)."""
+"""Gadre et al.'s starts for L = E + a N^b + β 6^(b/2) (M N)^b (the data's PROVENANCE.md)."""
 
 
 def fit_points(runs: datasets.GadreRuns) -> np.ndarray:
@@ -90,9 +91,9 @@ def curve_fit_paper(n, m, loss) -> np.ndarray:
   return np.asarray(best, np.float64)
 
 
-def run(data_root: str) -> list[dict]:
+def run(data_root: str | None = None) -> list[dict]:
   """Rows: loss-extrapolation relative errors (%) for both fits; downstream-error relative errors (%)."""
-  runs = datasets.load_gadre(os.path.join(data_root, FOLDER))
+  runs = datasets.load_gadre(sources.folder(FOLDER, data_root))
   loss = runs.loss["c4_val"]
   train = fit_points(runs)
   x = overtraining_covariates(runs.n, runs.d)

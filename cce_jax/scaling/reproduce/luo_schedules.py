@@ -1,10 +1,10 @@
 """Loss curves across LR schedules: the multi-power law (Luo et al. 2025) and the LR-annealing law (Tissue et al. 2024).
 
-Data: `{data_root}/luo2025_multipower_lr_schedules/csv_{25,100,400}/` (9 schedules per model size; per-step LRs
-rebuilt from the schedule names, `datasets.luo_lr_schedule`).
+Data: `luo2025_multipower_lr_schedules/csv_{25,100,400}/` (packaged; `sources.folder`): 9 schedules per model size,
+per-step LRs rebuilt from the schedule names (`datasets.luo_lr_schedule`).
 
 Per model size:
-(a) The published multi-power fit (the data's README, from the upstream repository) evaluated on all 9 curves:
+(a) The published multi-power fit (the data's PROVENANCE.md, from the upstream repository) evaluated on all 9 curves:
     R² on the losses, next to the published R². The released fits count the warmup's rise in the loss-drop
     sum (η_0 = 0, `multi_power_law(warmup_steps=0)`); that is what makes them match.
 (b) Refits on the upstream training split (cosine_24000, constant_24000, wsdcon_9) with `cce_jax.scaling.fit`
@@ -16,13 +16,12 @@ Per model size:
     limit β → 0, B → ∞ (B β finite) and no start meets the gradient tolerance.
 (c) Prediction of the six held-out curves (constant/cosine at 72000, wsd, wsdld, wsdcon_3, wsdcon_18): mean and
     max absolute error and mean relative error over all their logged points, and the R² on them, for the
-    multi-power refit, the published multi-power parameters and the LR-annealing refit. The README gives no
+    multi-power refit, the published multi-power parameters and the LR-annealing refit. PROVENANCE.md gives no
     published prediction errors, so those rows have published = None.
 """
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ import numpy as np
 
 from cce_jax.scaling import datasets
 from cce_jax.scaling import fitting
+from cce_jax.scaling import sources
 from cce_jax.scaling.laws.lr_schedule import lr_annealing_law
 from cce_jax.scaling.laws.lr_schedule import multi_power_law
 from cce_jax.scaling.laws.lr_schedule import multi_power_theta
@@ -46,7 +46,7 @@ PUBLISHED_MPL = {
     "400": dict(L0=2.37474466, A=0.65421216, alpha=0.42878731, B=523.42464371, C=2.02462735, beta=0.59350493,
                 gamma=0.63472457, R2=0.9978),
 }
-"""The published multi-power fits and their R² (the data's README: upstream README/config)."""
+"""The published multi-power fits and their R² (the data's PROVENANCE.md: upstream README/config)."""
 
 
 def curve_points(curves: dict, names) -> tuple[np.ndarray, np.ndarray]:
@@ -69,9 +69,9 @@ def _error_rows(label, model, pred, target):
   ]
 
 
-def run(data_root: str, models=("25", "100", "400"), max_iter: int = 1500) -> list[dict]:
+def run(data_root: str | None = None, models=("25", "100", "400"), max_iter: int = 1500) -> list[dict]:
   """Rows for each model size in `models` (see the module docstring). A few minutes per size on a CPU."""
-  folder = os.path.join(data_root, FOLDER)
+  folder = sources.folder(FOLDER, data_root)
   rows = []
   for model in models:
     model = str(model)

@@ -1,10 +1,11 @@
 """Muennighoff et al. (2023), "Scaling Data-Constrained Language Models": the repetition law on their 182 runs.
 
-Data: `{data_root}/muennighoff2023_datablations/fit_runs_182.csv` (N, D, U_D, final C4 validation loss).
+Data: `muennighoff2023_datablations/fit_runs_182.csv` (packaged; `sources.folder`): N, D, U_D, final C4 validation
+loss.
 
 (a) The published law. With the published (a, b, e, α, β, R_D*, R_N*) (`MUENNIGHOFF_THETA`), the law's R² on the
     182 losses (1 − Σ(L̂ − L)² / Σ(L − L̄)², on L) is 0.7722 and the Huber objective (δ = 1e-3, sum, on log L) is
-    0.0158259 (the upstream notebook's minimum), per the data's README.
+    0.0158259 (the upstream notebook's minimum), per the data's PROVENANCE.md.
 (b) The refit of R_D*, R_N* with the Chinchilla part frozen (their procedure), with `cce_jax.scaling.fit`: from the
     law's 16-start grid, and from the positive points of their 4×4 grid (R_D*, R_N* ∈ linspace(0, 20, 4)).
     Their optimiser (torch L-BFGS, 50 steps of at most 20 iterations) stopped at R_D* = 15.39, R_N* = 5.31; the
@@ -14,13 +15,13 @@ Data: `{data_root}/muennighoff2023_datablations/fit_runs_182.csv` (N, D, U_D, fi
 
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
 
 from cce_jax.scaling import datasets
 from cce_jax.scaling import fitting
+from cce_jax.scaling import sources
 from cce_jax.scaling.laws.data_constrained import DATA_CONSTRAINED
 from cce_jax.scaling.laws.data_constrained import MUENNIGHOFF_DECAY
 from cce_jax.scaling.laws.data_constrained import MUENNIGHOFF_THETA
@@ -28,7 +29,7 @@ from cce_jax.scaling.laws.data_constrained import MUENNIGHOFF_THETA
 FOLDER = "muennighoff2023_datablations"
 CSV = "fit_runs_182.csv"
 PUBLISHED = {"R2": 0.7722, "huber": 0.0158259, "R_D_star": 15.387756, "R_N_star": 5.309743}
-"""From the data's README (the upstream notebook's output)."""
+"""From the data's PROVENANCE.md (the upstream notebook's output)."""
 
 
 def _huber_sum(log_pred, log_target, delta=1e-3) -> float:
@@ -36,9 +37,9 @@ def _huber_sum(log_pred, log_target, delta=1e-3) -> float:
     return float(np.sum(fitting.huber(np.asarray(log_pred) - np.asarray(log_target), delta)))
 
 
-def run(data_root: str) -> list[dict]:
+def run(data_root: str | None = None) -> list[dict]:
   """Rows: R² and Huber objective of the published law; refitted R_D*, R_N*, objective and R² from two grids."""
-  x, loss = datasets.load_muennighoff(os.path.join(data_root, FOLDER, CSV))
+  x, loss = datasets.load_muennighoff(sources.folder(FOLDER, data_root) / CSV)
   pred = fitting.predict_loss(DATA_CONSTRAINED, MUENNIGHOFF_THETA, x)
   rows = [
       {"quantity": "R² of the published law (182 runs)", "reproduced": fitting.r_squared(pred, loss),

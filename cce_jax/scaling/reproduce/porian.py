@@ -1,10 +1,11 @@
 """Porian et al. (2024), "Resolving Discrepancies in Compute-Optimal Scaling of Language Models": IsoFLOP exponents.
 
-Data: `{data_root}/porian2024_resolving_discrepancies/` (isoflop_points.csv, compute_optimal_points.csv,
-published_fit_results.csv; converted from the authors' summaries). Along RefinedWeb's path from Kaplan-like to
-Chinchilla-like settings, (base hparams, long warmup, Kaplan decay, Kaplan params, train loss) → standard params (val)
-→ short warmup → matched cosine decay → tuned hparams with a constant LR, the exponent a of N* ∝ C^a falls from
-≈ 0.83 to ≈ 0.50.
+Data: `porian2024_resolving_discrepancies/` (packaged; `sources.folder`): isoflop_points.csv,
+compute_optimal_points.csv, published_fit_results.csv, converted from the authors' summaries.
+
+Along RefinedWeb's path from Kaplan-like to Chinchilla-like settings, (base hparams, long warmup, Kaplan decay,
+Kaplan params, train loss) → standard params (val) → short warmup → matched cosine decay → tuned hparams with a
+constant LR, the exponent a of N* ∝ C^a falls from ≈ 0.83 to ≈ 0.50.
 
 For each configuration:
 * a and b (D* ∝ C^b) from the raw IsoFLOP samples with `isoflop.isoflop_fit`: a parabola in ln N through the 5 points
@@ -20,11 +21,11 @@ from __future__ import annotations
 
 import collections
 import csv
-import os
 
 import numpy as np
 
 from cce_jax.scaling import isoflop
+from cce_jax.scaling import sources
 
 FOLDER = "porian2024_resolving_discrepancies"
 KEYS = ("source_file", "dataset", "hparams", "warmup", "decay", "param_count", "loss_split")
@@ -36,15 +37,15 @@ PATH_CONFIGS = (
     ("summary_df.pickle.xz", "rw", "base", "short", "chinchilla", "standard", "val"),
     ("summary_df.pickle.xz", "rw", "tuned", "short", "const", "standard", "val"),
 )
-"""RefinedWeb's path from Kaplan-like to Chinchilla-like settings (the README's headline rows)."""
+"""RefinedWeb's path from Kaplan-like to Chinchilla-like settings (the headline rows of the data's PROVENANCE.md)."""
 
 WINDOW = 2
 
 
 def _read(data_root, name):
-  path = os.path.join(data_root, FOLDER, name)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Porian et al.'s data is not at {path} (data_root should hold {FOLDER}/)")
+  path = sources.folder(FOLDER, data_root) / name
+  if not path.is_file():
+    raise FileNotFoundError(f"Porian et al.'s data is not at {path}")
   with open(path, newline="", encoding="utf-8") as f:
     return list(csv.DictReader(f))
 
@@ -64,7 +65,7 @@ def _float(v):
   return float(v) if v not in ("", None) else float("nan")
 
 
-def run(data_root: str, *, configs: str = "path") -> list[dict]:
+def run(data_root: str | None = None, *, configs: str = "path") -> list[dict]:
   """Rows for each configuration: `configs` = "path" (the five RefinedWeb rows) or "all" (every configuration)."""
   if configs not in ("path", "all"):
     raise ValueError(f"configs must be 'path' or 'all', got {configs!r}")

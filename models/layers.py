@@ -29,16 +29,16 @@ class RMSNorm(nnx.Module):
     return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def rope(x_BxTxNxK, positions_BxT, theta):
+def rope(x_BxTxHxK, positions_BxT, theta):
   """Rotary position embedding (rotate-half form), in fp32."""
-  k = x_BxTxNxK.shape[-1]
+  k = x_BxTxHxK.shape[-1]
   inv_freq_K2 = 1.0 / theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k)
   angles_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_K2
   sin, cos = jnp.sin(angles_BxTxK2)[:, :, None, :], jnp.cos(angles_BxTxK2)[:, :, None, :]
-  x = x_BxTxNxK.astype(jnp.float32)
+  x = x_BxTxHxK.astype(jnp.float32)
   x1, x2 = x[..., : k // 2], x[..., k // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxNxK.dtype)
+  return out.astype(x_BxTxHxK.dtype)
 
 
 class Attention(nnx.Module):

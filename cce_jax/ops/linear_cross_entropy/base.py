@@ -105,11 +105,11 @@ def block_start(i, block, size):
   return jnp.minimum(first, size - block), first
 
 
-def vocab_block(j, block, c_VD, bias_V):
+def vocab_block(j, block, c_VxD, bias_V):
   """Block j of `block` classifier rows, moved back at the edge (`block_start`): (v_start, c_blk [block, D],
   b_blk [block] or None, cols [block] their vocabulary indices, col_new [block] bool: not in an earlier block)."""
-  v_start, v_first = block_start(j, block, c_VD.shape[0])
-  c_blk = lax.dynamic_slice(c_VD, (v_start, 0), (block, c_VD.shape[1]))
+  v_start, v_first = block_start(j, block, c_VxD.shape[0])
+  c_blk = lax.dynamic_slice(c_VxD, (v_start, 0), (block, c_VxD.shape[1]))
   b_blk = None if bias_V is None else lax.dynamic_slice(bias_V, (v_start,), (block,))
   cols = v_start + jnp.arange(block)
   return v_start, c_blk, b_blk, cols, cols >= v_first

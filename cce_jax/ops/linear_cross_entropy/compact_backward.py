@@ -158,16 +158,16 @@ def capacity(config, n_tiles: int, v_tiles: int, itemsize: int) -> int:
 
 def backward(spec, residuals, row_cotangents, inv_r, keep):
   """(dE, dC, dbias, None) over the tiles where `keep` ([N tiles, V tiles] int32) is nonzero."""
-  e_ND, c_VD, bias_V, targets_N, lse, mean = residuals[:6]
+  e_NxD, c_VxD, bias_V, targets_N, lse, mean = residuals[:6]
   g_lse, g_st, g_sum, g_mean = row_cotangents
-  n, d = e_ND.shape
-  v = c_VD.shape[0]
+  n, d = e_NxD.shape
+  v = c_VxD.shape[0]
   cfg = spec.config
   bn, bv = cfg.block_n, cfg.block_v
   bq = min(cfg.grad_block_d, pow2_floor(d))
   n_tiles, v_tiles = keep.shape
   has_bias = bias_V is not None
-  compute = jnp.result_type(e_ND.dtype, c_VD.dtype)
+  compute = jnp.result_type(e_NxD.dtype, c_VxD.dtype)
   acc = lse.dtype
   cap = capacity(cfg, n_tiles, v_tiles, jnp.dtype(compute).itemsize)
   precision = triton_tiles.precision(spec.stats)
@@ -182,7 +182,7 @@ def backward(spec, residuals, row_cotangents, inv_r, keep):
   dz_shapes = [jax.ShapeDtypeStruct((cap * bn, bv), compute)]
   if has_bias:
     dz_shapes.append(jax.ShapeDtypeStruct((cap, bv), acc))
-  dz_shapes = manual_axes.kernel_out(dz_shapes, e_ND)
+  dz_shapes = manual_axes.kernel_out(dz_shapes, e_NxD)
 
   def one_pass(carry):
     j0, de, dc, db = carry
@@ -197,7 +197,7 @@ def backward(spec, residuals, row_cotangents, inv_r, keep):
     order = jnp.argsort(row_key, stable=True).astype(jnp.int32)
     row_ptr = jnp.searchsorted(row_key[order], jnp.arange(n_tiles + 1), side="left").astype(jnp.int32)
 
-    dz_args = [e_ND, c_VD] + ([bias_V] if has_bias else []) + row_args + [tiles, pass_info]
+    dz_args = [e_NxD, c_VxD] + ([bias_V] if has_bias else []) + row_args + [tiles, pass_info]
     dz, *dbt = pl.pallas_call(
         functools.partial(dz_kernel, spec=spec, n=n, v=v, d=d, n_tiles=n_tiles, has_bias=has_bias),
         grid=(cap,), in_specs=[any_spec] * len(dz_args), out_specs=[any_spec] * len(dz_shapes),
@@ -207,22 +207,22 @@ def backward(spec, residuals, row_cotangents, inv_r, keep):
     de = pl.pallas_call(
         functools.partial(_de_kernel, n=n, v=v, d=d, bn=bn, bv=bv, bq=bq, precision=precision),
         grid=(n_q, n_tiles), in_specs=[any_spec] * 6, out_specs=any_spec,
-        out_shape=manual_axes.kernel_out(jax.ShapeDtypeStruct(de.shape, de.dtype), e_ND), input_output_aliases={5: 0},
+        out_shape=manual_axes.kernel_out(jax.ShapeDtypeStruct(de.shape, de.dtype), e_NxD), input_output_aliases={5: 0},
         compiler_params=params, interpret=spec.interpret, name="cce_bwd_de",
-    )(dz, c_VD, slot_j, order, row_ptr, de)
+    )(dz, c_VxD, slot_j, order, row_ptr, de)
     outs = [dc] + ([db] if has_bias else [])
-    dc_args = [dz, e_ND] + dbt + [slot_i, col_ptr, pass_info] + outs
+    dc_args = [dz, e_NxD] + dbt + [slot_i, col_ptr, pass_info] + outs
     dc, *db = pl.pallas_call(
         functools.partial(_dc_kernel, n=n, v=v, d=d, bn=bn, bv=bv, bq=bq, precision=precision,
                           has_bias=has_bias),
         grid=(n_q, v_tiles), in_specs=[any_spec] * len(dc_args), out_specs=[any_spec] * len(outs),
-        out_shape=manual_axes.kernel_out([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs], e_ND),
+        out_shape=manual_axes.kernel_out([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs], e_NxD),
         input_output_aliases={len(dc_args) - len(outs) + k: k for k in range(len(outs))},
         compiler_params=params, interpret=spec.interpret, name="cce_bwd_dc",
     )(*dc_args)
     return j1, de, dc, db[0] if has_bias else None
 
-  init = manual_axes.vary((jnp.int32(0), jnp.zeros((n, d), acc), jnp.zeros((v, d), c_VD.dtype),
-                           jnp.zeros((v,), bias_V.dtype) if has_bias else None), manual_axes.axes(e_ND))
+  init = manual_axes.vary((jnp.int32(0), jnp.zeros((n, d), acc), jnp.zeros((v, d), c_VxD.dtype),
+                           jnp.zeros((v,), bias_V.dtype) if has_bias else None), manual_axes.axes(e_NxD))
   _, de, dc, db = lax.while_loop(lambda carry: carry[0] < v_tiles, one_pass, init)
-  return de.astype(e_ND.dtype), dc, db, None
+  return de.astype(e_NxD.dtype), dc, db, None

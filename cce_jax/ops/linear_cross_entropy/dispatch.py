@@ -62,19 +62,19 @@ def cross_entropy(e, c, targets, *, bias, ignore_index, softcap, reduction, shif
 
   batch_shape = targets.shape
   targets = shift_targets(targets, shift, ignore_index)
-  e_ND, targets_N = e.reshape(-1, e.shape[-1]), targets.reshape(-1)
+  e_NxD, targets_N = e.reshape(-1, e.shape[-1]), targets.reshape(-1)
   valid_N = targets_N != ignore_index
   if backend_name == "xla_fused":
     if vocab_split is not None:
       raise ValueError("implementation='xla_fused' does not take a vocabulary split; use 'xla_chunked'")
-    return _fused_loss(e_ND, c, bias, manual_axes.vary(targets_N, names), valid_N, weights, reduction=reduction,
+    return _fused_loss(e_NxD, c, bias, manual_axes.vary(targets_N, names), valid_N, weights, reduction=reduction,
                        softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, exact=exact,
                        return_lse=return_lse, config=config)
-  backend, backend_kwargs = _backend(backend_name, implementation, config, interpret, e_ND.shape, c.shape,
+  backend, backend_kwargs = _backend(backend_name, implementation, config, interpret, e_NxD.shape, c.shape,
                                      softcap, filtered=filter_eps is not None and not exact)
   backend_kwargs.update(_split_kwargs(vocab_split, backend, backend_kwargs.get("config"), with_vocab_size=True))
   loss_N, lse_N = backend.cross_entropy_per_token(
-      e_ND, c, bias, _backend_targets(targets_N, vocab_split, names), valid_N, softcap=softcap,
+      e_NxD, c, bias, _backend_targets(targets_N, vocab_split, names), valid_N, softcap=softcap,
       label_smoothing=label_smoothing, z_loss=z_loss, filter_eps=filter_eps, exact=exact, **backend_kwargs)
   vocab_size = c.shape[0] if vocab_split is None else vocab_split.vocab_size
   loss_N = loss_N * _nan_where_out_of_range(targets_N, valid_N, vocab_size, loss_N.dtype)
@@ -110,13 +110,13 @@ def logprobs(e, c, targets, *, bias, temperature, softcap, ignore_index, shift, 
 
   batch_shape = targets.shape
   targets = shift_targets(targets, shift, ignore_index)
-  e_ND, targets_N = e.reshape(-1, e.shape[-1]), targets.reshape(-1)
+  e_NxD, targets_N = e.reshape(-1, e.shape[-1]), targets.reshape(-1)
   valid_N = targets_N != ignore_index
-  backend, backend_kwargs = _backend(backend_name, implementation, config, interpret, e_ND.shape, c.shape,
+  backend, backend_kwargs = _backend(backend_name, implementation, config, interpret, e_NxD.shape, c.shape,
                                      softcap)
   backend_kwargs.update(_split_kwargs(vocab_split, backend, backend_kwargs.get("config")))
   logp_N, entropy_N = backend.logprobs_per_token(
-      e_ND, c, bias, _backend_targets(targets_N, vocab_split, names), softcap=softcap, temperature=temperature,
+      e_NxD, c, bias, _backend_targets(targets_N, vocab_split, names), softcap=softcap, temperature=temperature,
       exact=exact, **backend_kwargs)
   logp_N = jnp.where(valid_N, logp_N, 0.0)
   vocab_size = c.shape[0] if vocab_split is None else vocab_split.vocab_size
@@ -125,7 +125,7 @@ def logprobs(e, c, targets, *, bias, temperature, softcap, ignore_index, shift, 
   return (logp, entropy_N.reshape(batch_shape)) if return_entropy else logp
 
 
-def _fused_loss(e_ND, c, bias, targets_N, valid_N, weights, *, reduction, softcap, label_smoothing, z_loss, exact,
+def _fused_loss(e_NxD, c, bias, targets_N, valid_N, weights, *, reduction, softcap, label_smoothing, z_loss, exact,
                 return_lse, config):
   """The "xla_fused" path: the reduced loss, with per-token coefficients formed here (weights, mean, NaN for bad
   targets) so that the gradient can be computed in the forward pass."""
@@ -133,14 +133,14 @@ def _fused_loss(e_ND, c, bias, targets_N, valid_N, weights, *, reduction, softca
     raise ValueError("implementation='xla_fused' forms the gradient of a reduced loss in the forward pass: it "
                      f"needs reduction='mean' or 'sum' and return_lse=False (got reduction={reduction!r}, "
                      f"return_lse={return_lse})")
-  n, v = e_ND.shape[0], c.shape[0]
+  n, v = e_NxD.shape[0], c.shape[0]
   if n == 0:
     return jnp.zeros((), jnp.float32)
   weights_N = token_weights(valid_N, weights, jnp.float32)
   coef_N = weights_N * _nan_where_out_of_range(targets_N, valid_N, v, jnp.float32)
   if reduction == "mean":
     coef_N = coef_N / mean_divisor(jnp.sum(weights_N))
-  return xla_fused.reduced_loss(e_ND, c, bias, targets_N, coef_N, softcap=softcap,
+  return xla_fused.reduced_loss(e_NxD, c, bias, targets_N, coef_N, softcap=softcap,
                                 label_smoothing=label_smoothing, z_loss=z_loss, exact=exact,
                                 config=(config or xla_fused.default_config(n, v)).clamped(n, v))
 

@@ -38,34 +38,34 @@ def sizes(n: int, v: int, d: int) -> tuple[int, int]:
   return samples, min(rows, max(8, pow2_floor(n)))
 
 
-def target_logits(stats, e_ND, c_VD, bias_V, targets_N):
+def target_logits(stats, e_NxD, c_VxD, bias_V, targets_N):
   """[N] fp32 transformed target logits and the in-range mask."""
-  v = c_VD.shape[0]
+  v = c_VxD.shape[0]
   ok = (targets_N >= 0) & (targets_N < v)
   t = jnp.where(ok, targets_N, 0)
-  z = jnp.sum(e_ND.astype(jnp.float32) * c_VD[t].astype(jnp.float32), axis=1)
+  z = jnp.sum(e_NxD.astype(jnp.float32) * c_VxD[t].astype(jnp.float32), axis=1)
   if bias_V is not None:
     z = z + bias_V[t].astype(jnp.float32)
   return base.transform(z, stats)[0], ok
 
 
-def reference(stats, e_ND, c_VD, bias_V, targets_N, *, samples=None, z=Z):
+def reference(stats, e_NxD, c_VxD, bias_V, targets_N, *, samples=None, z=Z):
   """[N] fp32: the estimate above (+inf for out-of-range targets). stats: a `base.StatsSpec` (its softcap and
   inv_temperature are used)."""
-  n, d = e_ND.shape
-  v = c_VD.shape[0]
-  s_target, ok = target_logits(stats, e_ND, c_VD, bias_V, targets_N)
+  n, d = e_NxD.shape
+  v = c_VxD.shape[0]
+  s_target, ok = target_logits(stats, e_NxD, c_VxD, bias_V, targets_N)
   k, rows = sizes(n, v, d)
   if samples is not None:
     k = max(1, min(int(samples), v))
   stride = v // k
   cols = jnp.arange(k, dtype=jnp.int32) * stride + stride // 2
-  compute = jnp.result_type(e_ND.dtype, c_VD.dtype)
-  c_sub = c_VD[cols].astype(compute)
+  compute = jnp.result_type(e_NxD.dtype, c_VxD.dtype)
+  c_sub = c_VxD[cols].astype(compute)
   b_sub = None if bias_V is None else bias_V[cols].astype(jnp.float32)
   steps = -(-n // rows)
   pad = steps * rows - n
-  e_pad = jnp.pad(e_ND.astype(compute), ((0, pad), (0, 0))).reshape(steps, rows, d)
+  e_pad = jnp.pad(e_NxD.astype(compute), ((0, pad), (0, 0))).reshape(steps, rows, d)
   t_pad = jnp.pad(targets_N.astype(jnp.int32), (0, pad)).reshape(steps, rows)
 
   def noise(args):

@@ -34,14 +34,14 @@ _LN2 = math.log(2.0)
 _ROWS = 8  # per-token inputs of the kernel: lse, g_lse, g_target, g_sum, g_mean, mean, live, inverse row scale
 
 
-def dlogits(e_ND, c_VD, targets_N, rows_RN, *, softcap, inv_temperature, with_sum, with_mean, splits,
+def dlogits(e_NxD, c_VxD, targets_N, rows_RxN, *, softcap, inv_temperature, with_sum, with_mean, splits,
             filter_eps=None, approx_math=True, interpret=False):
-  """dZ [N, V] bf16 of one block: e_ND [N, D] bf16 (N % 8 == 0), c_VD [V, D] bf16, targets [N] int32,
-  rows_RN [8, N] fp32 (lse, g_lse, g_target, g_sum, g_mean, mean, live 0/1, 1 / max(|g_lse|, |g_target|,
+  """dZ [N, V] bf16 of one block: e_NxD [N, D] bf16 (N % 8 == 0), c_VxD [V, D] bf16, targets [N] int32,
+  rows_RxN [8, N] fp32 (lse, g_lse, g_target, g_sum, g_mean, mean, live 0/1, 1 / max(|g_lse|, |g_target|,
   |g_mean|), the last one read only with filter_eps)."""
-  n, d = e_ND.shape
-  v = c_VD.shape[0]
-  c_VD = mp.pad_vocabulary(c_VD)  # the kernel masks columns >= v
+  n, d = e_NxD.shape
+  v = c_VxD.shape[0]
+  c_VxD = mp.pad_vocabulary(c_VxD)  # the kernel masks columns >= v
   v_out = pl.cdiv(v, mp.BV) * mp.BV  # whole [128, 128] tiles per TMA store
   out_bytes = 2 * mp.BN * mp.BV * 2
   stages = mp.num_stages(mp.block_d(d), out_bytes + 2 * _ROWS * mp.BN * 4 + 1024)
@@ -49,8 +49,8 @@ def dlogits(e_ND, c_VD, targets_N, rows_RN, *, softcap, inv_temperature, with_su
   kernel = functools.partial(_kernel, d=d, v=v, stages=stages, v_per_split=v_per_split, softcap=softcap,
                              inv_temperature=inv_temperature, with_sum=with_sum, with_mean=with_mean,
                              filter_eps=filter_eps)
-  dz = mp.launch(kernel, jax.ShapeDtypeStruct((n, v_out), e_ND.dtype), n=n, splits=splits,
-                 approx_math=approx_math, interpret=interpret)(e_ND, c_VD, targets_N.astype(jnp.int32), rows_RN)
+  dz = mp.launch(kernel, jax.ShapeDtypeStruct((n, v_out), e_NxD.dtype), n=n, splits=splits,
+                 approx_math=approx_math, interpret=interpret)(e_NxD, c_VxD, targets_N.astype(jnp.int32), rows_RxN)
   return dz if v_out == v else dz[:, :v]
 
 
@@ -116,14 +116,14 @@ def _kernel(e_ref, c_ref, t_ref, rows_ref, dz_ref, *, d, v, stages, v_per_split,
 def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, splits, approx_math, interpret):
   """(dE, dC, None, None) of the statistics from their residuals and cotangents, blockwise: dZ by `dlogits`,
   dE and dC by XLA GEMMs with fp32 accumulation. Vocabulary blocks of block_v entries (the last one smaller)."""
-  e_ND, c_VD, _, targets_N, lse, mean = residuals[:6]
+  e_NxD, c_VxD, _, targets_N, lse, mean = residuals[:6]
   (g_lse, g_st, g_sum, g_mean), inv_row_scale = base.backward_cotangents(stats_spec, residuals, cotangents)
-  n, d = e_ND.shape
-  v = c_VD.shape[0]
+  n, d = e_NxD.shape
+  v = c_VxD.shape[0]
   live = ((inv_row_scale != 0) | (g_sum != 0)).astype(jnp.float32)
   rows = jnp.stack([lse, g_lse, g_st, g_sum, g_mean, mean, live, inv_row_scale]).astype(jnp.float32)
-  e_ND, targets = mp.pad_tokens(e_ND, targets_N.astype(jnp.int32))
-  n8 = e_ND.shape[0]
+  e_NxD, targets = mp.pad_tokens(e_NxD, targets_N.astype(jnp.int32))
+  n8 = e_NxD.shape[0]
   rows = jnp.pad(rows, ((0, 0), (0, n8 - n)))  # live = 0 on the padding
   block_n = min(-(-block_n // 8) * 8, n8)
   acc = jnp.float32
@@ -134,7 +134,7 @@ def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, split
   n_blocks = pl.cdiv(n8, block_n)
   # One token block: the GEMM's own fp32 accumulator is the whole dC sum, rounded once to c's dtype (as a GEMM to
   # fp32 then a cast, which XLA would hand to a slower Triton fusion: H200 gemma2_2b 15.3 vs 16.2 ms).
-  dc_dtype = c_VD.dtype if n_blocks == 1 else acc
+  dc_dtype = c_VxD.dtype if n_blocks == 1 else acc
 
   def vocab_block(carry, v_start, c_blk):
     """Adds this block's columns' share of dE and writes its dC, over the token blocks (fp32 accumulation)."""
@@ -143,7 +143,7 @@ def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, split
     def n_step(carry, i):
       de_acc, dc_blk = carry
       n_start, n_first = base.block_start(i, block_n, n8)
-      e_blk = lax.dynamic_slice(e_ND, (n_start, 0), (block_n, d))
+      e_blk = lax.dynamic_slice(e_NxD, (n_start, 0), (block_n, d))
       r_blk = lax.dynamic_slice(rows, (0, n_start), (_ROWS, block_n))
       r_blk = r_blk.at[6].multiply((n_start + jnp.arange(block_n) >= n_first).astype(jnp.float32))
       t_blk = lax.dynamic_slice(targets, (n_start,), (block_n,)) - v_start  # the kernel's columns are the block's
@@ -154,17 +154,17 @@ def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, split
       return (lax.dynamic_update_slice(de_acc, de, (n_start, 0)), dc_blk), None
 
     de_acc, dc = carry
-    dc_init = manual_axes.vary(jnp.zeros((bv, d), dc_dtype), manual_axes.axes(e_ND))
+    dc_init = manual_axes.vary(jnp.zeros((bv, d), dc_dtype), manual_axes.axes(e_NxD))
     (de_acc, dc_blk), _ = lax.scan(n_step, (de_acc, dc_init), jnp.arange(n_blocks))
     return de_acc, lax.dynamic_update_slice(dc, dc_blk.astype(dc.dtype), (v_start, 0))
 
   def v_step(carry, j):
-    return vocab_block(carry, j * block_v, lax.dynamic_slice(c_VD, (j * block_v, 0), (block_v, d))), None
+    return vocab_block(carry, j * block_v, lax.dynamic_slice(c_VxD, (j * block_v, 0), (block_v, d))), None
 
   full_blocks = v // block_v
-  carry = manual_axes.vary((jnp.zeros((n8, d), acc), jnp.zeros_like(c_VD)), manual_axes.axes(e_ND))
+  carry = manual_axes.vary((jnp.zeros((n8, d), acc), jnp.zeros_like(c_VxD)), manual_axes.axes(e_NxD))
   carry, _ = lax.scan(v_step, carry, jnp.arange(full_blocks))
   if v % block_v:  # the remaining columns: one smaller block (a static shape)
-    carry = vocab_block(carry, full_blocks * block_v, c_VD[full_blocks * block_v:])
+    carry = vocab_block(carry, full_blocks * block_v, c_VxD[full_blocks * block_v:])
   de_acc, dc = carry
-  return de_acc[:n].astype(e_ND.dtype), dc, None, None
+  return de_acc[:n].astype(e_NxD.dtype), dc, None, None

@@ -45,21 +45,21 @@ CODE_LEVELS = (-0.1, 0.1, 0.5)
 CODE_UPPER = CODE_LEVELS + (float("inf"),)
 
 
-def unsupported_reason(e_ND, c_VD, bias_V, row_max_block_v=None) -> str | None:
+def unsupported_reason(e_NxD, c_VxD, bias_V, row_max_block_v=None) -> str | None:
   """Why this forward cannot run these inputs (None when it can): the pipeline's conditions, and row maxima per
   `row_max_block_v` entries (when given) must be whole 128-wide tiles."""
-  reason = mp.unsupported_reason(e_ND, c_VD, bias_V)
+  reason = mp.unsupported_reason(e_NxD, c_VxD, bias_V)
   if reason is None and row_max_block_v is not None and row_max_block_v % ROW_MAX_BLOCK_V:
     return f"writes row maxima per {_BV} vocabulary entries; block_v={row_max_block_v} is not a multiple"
   return reason
 
 
-def forward_partials(e_ND, c_VD, targets_N, *, softcap, inv_temperature, with_sum, with_mean, with_row_max,
+def forward_partials(e_NxD, c_VxD, targets_N, *, softcap, inv_temperature, with_sum, with_mean, with_row_max,
                      splits, reference_N=None, filter_eps=None, approx_math=True, interpret=False):
   """Per-split statistics of the logits s = softcap·tanh(z / softcap) · inv_temperature, z = e @ c.T.
 
   Args:
-    e_ND: [N, D] bf16. c_VD: [V, D] bf16. targets_N: [N] int (out of range: target logit 0).
+    e_NxD: [N, D] bf16. c_VxD: [V, D] bf16. targets_N: [N] int (out of range: target logit 0).
     splits: vocabulary splits (CTAs per token tile: 2 sub-splits each).
     reference_N: [N] fp32 or None: with it (and filter_eps), the kernel also writes each row's code per
       128-wide tile (`CODE_LEVELS`) of d = max over the tile's columns of s, less reference_N, less
@@ -75,11 +75,11 @@ def forward_partials(e_ND, c_VD, targets_N, *, softcap, inv_temperature, with_su
   with_codes = reference_N is not None
   if with_row_max and with_codes:
     raise ValueError("forward_partials: with_row_max and reference_N exclude each other")
-  n, d = e_ND.shape
-  v = c_VD.shape[0]
-  e_ND, targets_N = mp.pad_tokens(e_ND, targets_N)
-  c_VD = mp.pad_vocabulary(c_VD)  # the kernel masks columns >= v
-  n8 = e_ND.shape[0]
+  n, d = e_NxD.shape
+  v = c_VxD.shape[0]
+  e_NxD, targets_N = mp.pad_tokens(e_NxD, targets_N)
+  c_VxD = mp.pad_vocabulary(c_VxD)  # the kernel masks columns >= v
+  n8 = e_NxD.shape[0]
   v_per_split, splits = mp.split_vocabulary(v, splits)
   per_consumer = v_per_split // mp.CTA_V  # tiles per consumer; their codes go 4 to a byte
   groups = pl.cdiv(per_consumer, 4)
@@ -100,7 +100,7 @@ def forward_partials(e_ND, c_VD, targets_N, *, softcap, inv_temperature, with_su
     out_type.append(jax.ShapeDtypeStruct((pl.cdiv(v, _BV), n_pad), jnp.float32))
   if with_codes:  # [(split, consumer, group), N], 2 bits per tile (see Returns)
     out_type.append(jax.ShapeDtypeStruct((splits * 2 * groups, n_pad), jnp.int8))
-  args = [e_ND, c_VD, targets_N.astype(jnp.int32)]
+  args = [e_NxD, c_VxD, targets_N.astype(jnp.int32)]
   if with_codes:  # whole tiles of +inf past N: no out-of-bounds rows (TMA would fill them with 0)
     args.append(jnp.pad(reference_N.astype(jnp.float32), (0, n_pad - n), constant_values=jnp.inf))
   outs = mp.launch(kernel, out_type, n=n8, splits=splits, approx_math=approx_math, interpret=interpret)(*args)

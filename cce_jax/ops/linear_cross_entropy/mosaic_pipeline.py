@@ -25,14 +25,14 @@ CTA_V = 2 * BV
 MAX_SMEM_BYTES = 227 * 1024
 
 
-def unsupported_reason(e_ND, c_VD, bias_V) -> str | None:
+def unsupported_reason(e_NxD, c_VxD, bias_V) -> str | None:
   """Why the Mosaic GPU kernels cannot run these inputs (None when they can): bf16 e and c, no bias, D a multiple
   of 16 (wgmma's K). N and V need not be multiples of 8 (TMA's tiled layout): see `pad_tokens`, `pad_vocabulary`."""
-  if e_ND.dtype != jnp.bfloat16 or c_VD.dtype != jnp.bfloat16:
-    return f"needs bf16 e and c, got {e_ND.dtype} and {c_VD.dtype}"
+  if e_NxD.dtype != jnp.bfloat16 or c_VxD.dtype != jnp.bfloat16:
+    return f"needs bf16 e and c, got {e_NxD.dtype} and {c_VxD.dtype}"
   if bias_V is not None:
     return "does not take a bias"
-  d = e_ND.shape[1]
+  d = e_NxD.shape[1]
   if d % 16:
     return f"needs D a multiple of 16, got D={d}"
   return None
@@ -52,22 +52,22 @@ def default_splits(n: int, v: int) -> int:
   return max(1, min(4, 2 * sms // pl.cdiv(n, BN), pl.cdiv(v, CTA_V)))
 
 
-def pad_tokens(e_ND, targets_N):
+def pad_tokens(e_NxD, targets_N):
   """(e [N8, D], targets [N8]) with N8 = N rounded up to a multiple of 8 (TMA's tiled layout): zero rows, a copy
   of at most 7 rows."""
-  n = e_ND.shape[0]
+  n = e_NxD.shape[0]
   pad = pl.cdiv(n, 8) * 8 - n
   if not pad:
-    return e_ND, targets_N
-  return jnp.pad(e_ND, ((0, pad), (0, 0))), jnp.pad(targets_N, (0, pad))
+    return e_NxD, targets_N
+  return jnp.pad(e_NxD, ((0, pad), (0, 0))), jnp.pad(targets_N, (0, pad))
 
 
-def pad_vocabulary(c_VD):
+def pad_vocabulary(c_VxD):
   """c [V8, D] with V8 = V rounded up to a multiple of 8 (TMA's tiled layout): zero rows, which the kernels mask
   as columns >= V. Costs a copy of c when V % 8 != 0 (GPT-2's 50257 × 768: 77 MB), small next to the V × N × D
   GEMM that reads it."""
-  pad = -c_VD.shape[0] % 8
-  return jnp.pad(c_VD, ((0, pad), (0, 0))) if pad else c_VD
+  pad = -c_VxD.shape[0] % 8
+  return jnp.pad(c_VxD, ((0, pad), (0, 0))) if pad else c_VxD
 
 
 def block_d(d: int) -> int:

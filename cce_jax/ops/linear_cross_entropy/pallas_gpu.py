@@ -62,36 +62,36 @@ from cce_jax.ops.linear_cross_entropy import xla_backward
 from cce_jax.ops.linear_cross_entropy.base import LogitStats
 
 
-def cross_entropy_per_token(e_ND, c_VD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
+def cross_entropy_per_token(e_NxD, c_VxD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
                             filter_eps, exact, config, interpret=False, combine=None, vocab_size=None):
   """Per-token loss [N] (0 where not valid_N) and LSE [N], fp32, by the Pallas kernels. combine: applied to the
   statistics before the loss (a vocabulary split's merge), with the split's `vocab_size`."""
   spec = pallas_spec.make(softcap, 1.0, bool(label_smoothing), False, config, exact, filter_eps, interpret)
   if config.sort_vocabulary and pallas_spec.tile_skipping(spec):
-    c_VD, bias_V, targets_N = _sorted_vocabulary(e_ND, c_VD, bias_V, targets_N, valid_N)
-  stats = LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N))
+    c_VxD, bias_V, targets_N = _sorted_vocabulary(e_NxD, c_VxD, bias_V, targets_N, valid_N)
+  stats = LogitStats(*_stats(spec, e_NxD, c_VxD, bias_V, targets_N))
   stats = stats if combine is None else combine(stats)
-  return stats_losses.cross_entropy(stats, valid_N, vocab_size=vocab_size or c_VD.shape[0],
+  return stats_losses.cross_entropy(stats, valid_N, vocab_size=vocab_size or c_VxD.shape[0],
                                     label_smoothing=label_smoothing, z_loss=z_loss)
 
 
-def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, exact, config, interpret=False,
+def logprobs_per_token(e_NxD, c_VxD, bias_V, targets_N, *, softcap, temperature, exact, config, interpret=False,
                        combine=None):
   """log p(target) [N] and entropy [N] of softmax(logits / temperature), fp32, by the Pallas kernels."""
   spec = pallas_spec.make(softcap, 1.0 / temperature, False, True, config, exact, None, interpret)
-  stats = LogitStats(*_stats(spec, e_ND, c_VD, bias_V, targets_N))
+  stats = LogitStats(*_stats(spec, e_NxD, c_VxD, bias_V, targets_N))
   return stats_losses.logprobs(stats if combine is None else combine(stats))
 
 
-def _sorted_vocabulary(e_ND, c_VD, bias_V, targets_N, valid_N):
+def _sorted_vocabulary(e_NxD, c_VxD, bias_V, targets_N, valid_N):
   """(c, bias, targets) with the vocabulary reordered by decreasing mean logit over the scored tokens
   ((mean e) @ c.T + bias: exact without a softcap, a ranking heuristic with one), so that the entries that keep
   logit tiles alive share tiles (CCE §4.3). The loss does not change; the gradients reach c and bias through the
   gather (a scatter of unique rows). Costs a permuted copy of c."""
-  v = c_VD.shape[0]
+  v = c_VxD.shape[0]
   w_N = valid_N.astype(jnp.float32)
-  mean_e = (w_N @ e_ND.astype(jnp.float32)) / jnp.maximum(jnp.sum(w_N), 1.0)
-  score = c_VD.astype(jnp.float32) @ mean_e
+  mean_e = (w_N @ e_NxD.astype(jnp.float32)) / jnp.maximum(jnp.sum(w_N), 1.0)
+  score = c_VxD.astype(jnp.float32) @ mean_e
   if bias_V is not None:
     score = score + bias_V.astype(jnp.float32)
   perm = jnp.argsort(-score, stable=True)
@@ -100,33 +100,33 @@ def _sorted_vocabulary(e_ND, c_VD, bias_V, targets_N, valid_N):
   in_range = (targets >= 0) & (targets < v)
   targets = jnp.where(in_range, rank[jnp.clip(targets, 0, v - 1)], targets)
   gather = lambda x: x.at[perm].get(unique_indices=True, mode="promise_in_bounds")
-  return gather(c_VD), None if bias_V is None else gather(bias_V), targets
+  return gather(c_VxD), None if bias_V is None else gather(bias_V), targets
 
 
-def _mosaic_forward(spec, e_ND, c_VD, bias_V) -> bool:
+def _mosaic_forward(spec, e_NxD, c_VxD, bias_V) -> bool:
   """Whether the forward runs the Mosaic GPU kernel (config.forward_kernel, the inputs, the GPU)."""
   row_max_block_v = spec.config.block_v if pallas_spec.tile_skipping(spec) else None
   return pallas_spec.use_mosaic(spec, "forward_kernel", "triton",
-                                mosaic_forward.unsupported_reason(e_ND, c_VD, bias_V, row_max_block_v))
+                                mosaic_forward.unsupported_reason(e_NxD, c_VxD, bias_V, row_max_block_v))
 
 
-def _mosaic_dlogits(spec, e_ND, c_VD, bias_V) -> bool:
+def _mosaic_dlogits(spec, e_NxD, c_VxD, bias_V) -> bool:
   """Whether the dense backward takes dZ from the Mosaic GPU kernel (config.dense_backward_kernel, the inputs,
   the GPU). With gradient filtering the dense backward is the fallback for when most tiles are kept; the Mosaic
   kernel filters there per row of each tile (the XLA one per [block_n, block_v] block of the dense backward)."""
   return pallas_spec.use_mosaic(spec, "dense_backward_kernel", "xla",
-                                mosaic_pipeline.unsupported_reason(e_ND, c_VD, bias_V))
+                                mosaic_pipeline.unsupported_reason(e_NxD, c_VxD, bias_V))
 
 
-def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima, reference_N=None):
+def _mosaic_partials(spec, e_NxD, c_VxD, targets_N, row_maxima, reference_N=None):
   """The Mosaic GPU forward: per-(sub)split statistics [2 × splits, N] and the row maxima per block_v tile (or,
   given reference_N, the packed row codes and the tiles per consumer, for `keep_masks.from_codes`)."""
-  n, v = e_ND.shape[0], c_VD.shape[0]
+  n, v = e_NxD.shape[0], c_VxD.shape[0]
   cfg, st_spec = spec.config, spec.stats
   skipping = row_maxima and pallas_spec.tile_skipping(spec)
   splits = cfg.num_splits or mosaic_pipeline.default_splits(n, v)
   partials, rmax = mosaic_forward.forward_partials(
-      e_ND, c_VD, targets_N, softcap=st_spec.softcap, inv_temperature=st_spec.inv_temperature,
+      e_NxD, c_VxD, targets_N, softcap=st_spec.softcap, inv_temperature=st_spec.inv_temperature,
       with_sum=st_spec.with_sum, with_mean=st_spec.with_mean, with_row_max=skipping and reference_N is None,
       splits=splits, reference_N=reference_N, filter_eps=st_spec.filter_eps,
       approx_math=cfg.approx_math, interpret=spec.interpret)
@@ -140,18 +140,18 @@ def _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima, reference_N=None):
   return partials, rmax
 
 
-def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=True):
+def _stats_fwd(spec, e_NxD, c_VxD, bias_V, targets_N, row_maxima=True):
   """Statistics and residuals; the row maxima (for the tile-skipping backward) only when row_maxima (with
   low_memory: the keep mask before the backward's forced tiles)."""
   reference = None
   if row_maxima and pallas_spec.tile_skipping(spec) and spec.config.low_memory:
-    reference = lse_estimate.reference(spec.stats, e_ND, c_VD, bias_V, targets_N)
-  mosaic = _mosaic_forward(spec, e_ND, c_VD, bias_V)
+    reference = lse_estimate.reference(spec.stats, e_NxD, c_VxD, bias_V, targets_N)
+  mosaic = _mosaic_forward(spec, e_NxD, c_VxD, bias_V)
   if mosaic:
-    partials, rmax = _mosaic_partials(spec, e_ND, c_VD, targets_N, row_maxima, reference)
+    partials, rmax = _mosaic_partials(spec, e_NxD, c_VxD, targets_N, row_maxima, reference)
   else:
     ref_eps = None if reference is None else reference + math.log(spec.stats.filter_eps)
-    partials, rmax = triton_forward.partials(spec, e_ND, c_VD, bias_V, targets_N, reference_N=ref_eps,
+    partials, rmax = triton_forward.partials(spec, e_NxD, c_VxD, bias_V, targets_N, reference_N=ref_eps,
                                              row_maxima=row_maxima and pallas_spec.tile_skipping(spec))
   m, l, st, ssum, w = partials
   # Merge the vocabulary splits.
@@ -164,20 +164,20 @@ def _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=True):
   if reference is not None:
     cfg = spec.config
     if mosaic:
-      rmax = keep_masks.from_codes(rmax, lse, reference, cfg.grad_block_n, cfg.block_v, c_VD.shape[0])
+      rmax = keep_masks.from_codes(rmax, lse, reference, cfg.grad_block_n, cfg.block_v, c_VxD.shape[0])
     else:
-      rmax = keep_masks.from_tile_values(rmax, lse, reference, cfg.block_n, cfg.block_v, c_VD.shape[0])
+      rmax = keep_masks.from_tile_values(rmax, lse, reference, cfg.block_n, cfg.block_v, c_VxD.shape[0])
       rmax = keep_masks.regrid_rows(rmax, cfg.block_n, cfg.grad_block_n, lse.shape[0])
-  return out, (e_ND, c_VD, bias_V, targets_N, lse, mean, rmax)
+  return out, (e_NxD, c_VxD, bias_V, targets_N, lse, mean, rmax)
 
 
 def _dense_bwd(spec, residuals, cotangents):
   """The blockwise dense backward (dense GEMMs, no atomics; deterministic): exact mode, no filtering, or
   filtering that would keep most tiles. On Hopper dZ comes from the Mosaic GPU kernel of `mosaic_dlogits`;
   else the XLA backward."""
-  e_ND, c_VD = residuals[0], residuals[1]
-  tiles = spec.config.exact_backward_tiles(e_ND.shape[0], c_VD.shape[0])
-  if _mosaic_dlogits(spec, e_ND, c_VD, residuals[2]):
+  e_NxD, c_VxD = residuals[0], residuals[1]
+  tiles = spec.config.exact_backward_tiles(e_NxD.shape[0], c_VxD.shape[0])
+  if _mosaic_dlogits(spec, e_NxD, c_VxD, residuals[2]):
     return mosaic_dlogits.dense_backward(
         spec.stats, residuals, cotangents, block_n=tiles.block_n, block_v=tiles.block_v,
         splits=spec.config.num_splits or mosaic_pipeline.default_splits(tiles.block_n, tiles.block_v),
@@ -190,12 +190,12 @@ def _stats_bwd(spec, residuals, cotangents):
     return _dense_bwd(spec, residuals, cotangents)
   dense = lambda: _dense_bwd(spec, residuals, cotangents)
   spec = pallas_spec.backward_spec(spec)
-  c_VD, targets_N, lse, rmax = residuals[1], residuals[3], residuals[4], residuals[6]
+  c_VxD, targets_N, lse, rmax = residuals[1], residuals[3], residuals[4], residuals[6]
   row_cotangents, inv_r = base.backward_cotangents(spec.stats, residuals, cotangents)
   if spec.config.low_memory:
-    keep = keep_masks.with_forced_tiles(spec, rmax, targets_N, lse, inv_r, c_VD.shape[0])
+    keep = keep_masks.with_forced_tiles(spec, rmax, targets_N, lse, inv_r, c_VxD.shape[0])
     return swept_backward.backward(spec, residuals, row_cotangents, inv_r, keep)
-  keep = keep_masks.from_row_maxima(spec, rmax, targets_N, lse, inv_r, c_VD.shape[0])
+  keep = keep_masks.from_row_maxima(spec, rmax, targets_N, lse, inv_r, c_VxD.shape[0])
   sparse = lambda: compact_backward.backward(spec, residuals, row_cotangents, inv_r, keep)
   threshold = spec.config.dense_backward_above
   if threshold >= 1.0:
@@ -204,8 +204,8 @@ def _stats_bwd(spec, residuals, cotangents):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stats(spec, e_ND, c_VD, bias_V, targets_N):
-  return _stats_fwd(spec, e_ND, c_VD, bias_V, targets_N, row_maxima=False)[0]  # no backward: no row maxima
+def _stats(spec, e_NxD, c_VxD, bias_V, targets_N):
+  return _stats_fwd(spec, e_NxD, c_VxD, bias_V, targets_N, row_maxima=False)[0]  # no backward: no row maxima
 
 
 _stats.defvjp(_stats_fwd, _stats_bwd)

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 
 
-def _logits(e_ND, c_VD, bias_V, softcap):
-  acc = jnp.promote_types(jnp.float32, jnp.result_type(e_ND.dtype, c_VD.dtype))
+def _logits(e_NxD, c_VxD, bias_V, softcap):
+  acc = jnp.promote_types(jnp.float32, jnp.result_type(e_NxD.dtype, c_VxD.dtype))
   logits_NxV = jnp.einsum(
-      "nd,vd->nv", e_ND.astype(acc), c_VD.astype(acc), precision=jax.lax.Precision.HIGHEST)
+      "nd,vd->nv", e_NxD.astype(acc), c_VxD.astype(acc), precision=jax.lax.Precision.HIGHEST)
   if bias_V is not None:
     logits_NxV = logits_NxV + bias_V.astype(acc)
   if softcap is not None:
@@ -27,10 +27,10 @@ def _target_logprob(logp_NxV, targets_N):
   return jnp.sum(jnp.where(onehot_NxV, logp_NxV, 0.0), axis=1)
 
 
-def cross_entropy_per_token(e_ND, c_VD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
+def cross_entropy_per_token(e_NxD, c_VxD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
                             **unused_options):
   """Per-token loss [N] (0 where not valid_N) and LSE [N], both fp32, from the materialised logits."""
-  logits_NxV = _logits(e_ND, c_VD, bias_V, softcap)
+  logits_NxV = _logits(e_NxD, c_VxD, bias_V, softcap)
   logp_NxV = jax.nn.log_softmax(logits_NxV, axis=-1)
   lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
   nll_N = -_target_logprob(logp_NxV, targets_N)
@@ -39,9 +39,9 @@ def cross_entropy_per_token(e_ND, c_VD, bias_V, targets_N, valid_N, *, softcap, 
   return jnp.where(valid_N, loss_N, 0.0), lse_N
 
 
-def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, **unused_options):
+def logprobs_per_token(e_NxD, c_VxD, bias_V, targets_N, *, softcap, temperature, **unused_options):
   """log p(target) [N] and entropy [N] of softmax(logits / temperature), fp32, materialised."""
-  logits_NxV = _logits(e_ND, c_VD, bias_V, softcap) / temperature
+  logits_NxV = _logits(e_NxD, c_VxD, bias_V, softcap) / temperature
   logp_NxV = jax.nn.log_softmax(logits_NxV, axis=-1)
   entropy_N = -jnp.sum(jnp.exp(logp_NxV) * logp_NxV, axis=-1)
   return _target_logprob(logp_NxV, targets_N), entropy_N

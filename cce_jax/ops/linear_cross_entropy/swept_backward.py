@@ -114,9 +114,9 @@ def _seg_kernel(*refs, for_dc, n, v, d, bn, bv, bq, n_tiles, v_tiles, precision,
 
 def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
   """One sweep: dC (and dbias) over the column-major list when for_dc, else dE over the row-major one."""
-  e_ND, c_VD, bias_V = residuals[:3]
-  n, d = e_ND.shape
-  v = c_VD.shape[0]
+  e_NxD, c_VxD, bias_V = residuals[:3]
+  n, d = e_NxD.shape
+  v = c_VxD.shape[0]
   cfg = spec.config
   bn, bv = cfg.block_n, cfg.block_v
   # grad_block_d for both sweeps. (At 128-token tiles a dE window held few runs, and D blocks of 32 made more
@@ -125,7 +125,7 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
   bq = min(cfg.grad_block_d, pow2_floor(d))
   n_tiles, v_tiles = keep.shape
   has_bias = for_dc and bias_V is not None
-  compute = jnp.result_type(e_ND.dtype, c_VD.dtype)
+  compute = jnp.result_type(e_NxD.dtype, c_VxD.dtype)
   acc = row_args[1].dtype
   precision = triton_tiles.precision(spec.stats)
   params = plgpu.CompilerParams(num_warps=cfg.bwd_warps, num_stages=cfg.num_stages)
@@ -141,14 +141,14 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
   dz_shapes = [jax.ShapeDtypeStruct((cap * bn, bv), compute)]
   if has_bias:
     dz_shapes.append(jax.ShapeDtypeStruct((cap, bv), acc))
-  dz_shapes = manual_axes.kernel_out(dz_shapes, e_ND)
+  dz_shapes = manual_axes.kernel_out(dz_shapes, e_NxD)
   carry_rows = bv if for_dc else bn
 
   def window(carry):
     w, out, db, carry_in, cb_in = carry
     info_w = lax.dynamic_index_in_dim(info, w, keepdims=False)
     run_lo_w = lax.dynamic_index_in_dim(run_lo, w, keepdims=False)
-    dz_args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + row_args + [tiles, info_w]
+    dz_args = [e_NxD, c_VxD] + ([bias_V] if bias_V is not None else []) + row_args + [tiles, info_w]
     if not for_dc:  # the dE list is row-major; its dZ programs run by vocabulary tile, so that the window's token
       # tiles that keep a vocabulary tile read its c rows together (H200 llama3_8b_4k random dE sweep 20.5 -> 19.0 ms)
       slots = w * cap + jnp.arange(cap, dtype=jnp.int32)
@@ -162,12 +162,12 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
         out_shape=dz_shapes, compiler_params=params, interpret=spec.interpret, name="cce_bwd_dz",
     )(*dz_args)
     outs = [out] + ([db] if has_bias else [])
-    args = ([dz, e_ND if for_dc else c_VD] + dbt + [tiles, run_lo_w, info_w, carry_in]
+    args = ([dz, e_NxD if for_dc else c_VxD] + dbt + [tiles, run_lo_w, info_w, carry_in]
             + ([cb_in] if has_bias else []) + outs)
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs] + [jax.ShapeDtypeStruct(carry_in.shape, acc)]
     if has_bias:
       out_shape.append(jax.ShapeDtypeStruct((bv,), acc))
-    out_shape = manual_axes.kernel_out(out_shape, e_ND)
+    out_shape = manual_axes.kernel_out(out_shape, e_NxD)
     res = pl.pallas_call(
         functools.partial(_seg_kernel, for_dc=for_dc, n=n, v=v, d=d, bn=bn, bv=bv, bq=bq, n_tiles=n_tiles,
                           v_tiles=v_tiles, precision=precision, has_bias=has_bias),
@@ -182,7 +182,7 @@ def _sweep(spec, for_dc, residuals, row_args, keep, out, db, cap):
     return w + 1, out, db, carry_out, cb_out
 
   init = manual_axes.vary((jnp.int32(0), out, db, jnp.zeros((carry_rows, d), acc),
-                           jnp.zeros((bv,), acc) if has_bias else None), manual_axes.axes(e_ND))
+                           jnp.zeros((bv,), acc) if has_bias else None), manual_axes.axes(e_NxD))
   _, out, db, _, _ = lax.while_loop(lambda carry: carry[0] * cap < length, window, init)
   return out, db
 
@@ -208,15 +208,15 @@ def _windows(owner, length, cap, windows):
 
 def backward(spec, residuals, row_cotangents, inv_r, keep):
   """(dE, dC, dbias, None) over the tiles where `keep` ([N tiles, V tiles] int32) is nonzero."""
-  e_ND, c_VD, bias_V, targets_N = residuals[:4]
+  e_NxD, c_VxD, bias_V, targets_N = residuals[:4]
   cfg = spec.config
   n_tiles, v_tiles = keep.shape
-  compute = jnp.result_type(e_ND.dtype, c_VD.dtype)
+  compute = jnp.result_type(e_NxD.dtype, c_VxD.dtype)
   cap = capacity(cfg, n_tiles, v_tiles, jnp.dtype(compute).itemsize)
   row_args = [targets_N.astype(jnp.int32), *residuals[4:6], *row_cotangents, inv_r]
   db = jnp.zeros(bias_V.shape, bias_V.dtype) if bias_V is not None else None
-  dc, db = _sweep(spec, True, residuals, row_args, keep, jnp.zeros(c_VD.shape, c_VD.dtype), db, cap)
-  de, _ = _sweep(spec, False, residuals, row_args, keep, jnp.zeros(e_ND.shape, e_ND.dtype), None, cap)
+  dc, db = _sweep(spec, True, residuals, row_args, keep, jnp.zeros(c_VxD.shape, c_VxD.dtype), db, cap)
+  de, _ = _sweep(spec, False, residuals, row_args, keep, jnp.zeros(e_NxD.shape, e_NxD.dtype), None, cap)
   return de, dc, db, None
 
 

@@ -30,18 +30,18 @@ from cce_jax.ops.linear_cross_entropy import triton_tiles
 ROW_MAX_GROUP = 8
 
 
-def partials(spec, e_ND, c_VD, bias_V, targets_N, *, row_maxima, reference_N=None):
+def partials(spec, e_NxD, c_VxD, bias_V, targets_N, *, row_maxima, reference_N=None):
   """The Triton forward: the per-split statistics (m, l, target, sum, weighted; each [splits, N] fp32) and, with
   row_maxima, each row's largest logit per block_v tile [N, V tiles] (bf16, rounded up), or given reference_N
   ([N] fp32, with row_maxima) the largest s - reference_N per tile [N tiles, V tiles] fp32 instead; else None."""
-  n, d = e_ND.shape
-  v = c_VD.shape[0]
+  n, d = e_NxD.shape
+  v = c_VxD.shape[0]
   cfg = spec.config
   splits = cfg.num_splits_for(n, v)
   v_per_split = pl.cdiv(pl.cdiv(v, splits), cfg.block_v) * cfg.block_v
   splits = pl.cdiv(v, v_per_split)
-  part = jax.ShapeDtypeStruct((splits, n), base.acc_dtype(e_ND.dtype, c_VD.dtype))
-  args = [e_ND, c_VD] + ([bias_V] if bias_V is not None else []) + [targets_N.astype(jnp.int32)]
+  part = jax.ShapeDtypeStruct((splits, n), base.acc_dtype(e_NxD.dtype, c_VxD.dtype))
+  args = [e_NxD, c_VxD] + ([bias_V] if bias_V is not None else []) + [targets_N.astype(jnp.int32)]
   out_shape = [part] * 5
   with_reference = reference_N is not None
   if with_reference and not row_maxima:
@@ -54,7 +54,7 @@ def partials(spec, e_ND, c_VD, bias_V, targets_N, *, row_maxima, reference_N=Non
       out_shape.append(jax.ShapeDtypeStruct((pl.cdiv(n, cfg.block_n), v_tiles), part.dtype))
     else:
       out_shape.append(jax.ShapeDtypeStruct((n, v_tiles), jnp.bfloat16))
-  out_shape = manual_axes.kernel_out(out_shape, e_ND)
+  out_shape = manual_axes.kernel_out(out_shape, e_NxD)
   outs = pl.pallas_call(
       functools.partial(_kernel, spec=spec, n=n, v=v, d=d, v_per_split=v_per_split, has_bias=bias_V is not None,
                         with_row_max=row_maxima and not with_reference, with_reference=with_reference),

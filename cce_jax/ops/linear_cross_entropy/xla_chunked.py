@@ -22,32 +22,32 @@ from cce_jax.ops.linear_cross_entropy.base import LogitStats
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
 
 
-def cross_entropy_per_token(e_ND, c_VD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
+def cross_entropy_per_token(e_NxD, c_VxD, bias_V, targets_N, valid_N, *, softcap, label_smoothing, z_loss,
                             filter_eps, exact, config, combine=None, vocab_size=None):
   """Per-token loss [N] (0 where not valid_N) and LSE [N], fp32, without the N×V logits. combine: applied to the
   statistics before the loss (a vocabulary split's merge), with the split's `vocab_size`."""
   spec = base.StatsSpec(softcap=softcap, inv_temperature=1.0, with_sum=bool(label_smoothing), with_mean=False,
                         exact=exact, filter_eps=filter_eps)
-  stats = logit_stats(e_ND, c_VD, bias_V, targets_N, spec, config)
+  stats = logit_stats(e_NxD, c_VxD, bias_V, targets_N, spec, config)
   stats = stats if combine is None else combine(stats)
-  return stats_losses.cross_entropy(stats, valid_N, vocab_size=vocab_size or c_VD.shape[0],
+  return stats_losses.cross_entropy(stats, valid_N, vocab_size=vocab_size or c_VxD.shape[0],
                                     label_smoothing=label_smoothing, z_loss=z_loss)
 
 
-def logprobs_per_token(e_ND, c_VD, bias_V, targets_N, *, softcap, temperature, exact, config, combine=None):
+def logprobs_per_token(e_NxD, c_VxD, bias_V, targets_N, *, softcap, temperature, exact, config, combine=None):
   """log p(target) [N] and entropy [N] of softmax(logits / temperature), fp32, without the N×V logits."""
   spec = base.StatsSpec(softcap=softcap, inv_temperature=1.0 / temperature, with_sum=False, with_mean=True,
                         exact=exact, filter_eps=None)
-  stats = logit_stats(e_ND, c_VD, bias_V, targets_N, spec, config)
+  stats = logit_stats(e_NxD, c_VxD, bias_V, targets_N, spec, config)
   return stats_losses.logprobs(stats if combine is None else combine(stats))
 
 
-def logit_stats(e_ND, c_VD, bias_V, targets_N, spec: base.StatsSpec, config: XlaChunkedConfig) -> LogitStats:
+def logit_stats(e_NxD, c_VxD, bias_V, targets_N, spec: base.StatsSpec, config: XlaChunkedConfig) -> LogitStats:
   """Per-token LSE, target logit, logit sum and softmax-mean logit without the N×V logits.
 
   Args:
-    e_ND: [N, D] hidden states (bf16, f16, f32 or f64).
-    c_VD: [V, D] classifier.
+    e_NxD: [N, D] hidden states (bf16, f16, f32 or f64).
+    c_VxD: [V, D] classifier.
     bias_V: [V] bias or None.
     targets_N: [N] int targets; entries outside [0, V) match no column (their target_logit is 0).
     spec: the math options.
@@ -56,31 +56,31 @@ def logit_stats(e_ND, c_VD, bias_V, targets_N, spec: base.StatsSpec, config: Xla
   Returns:
     LogitStats of [N] arrays in fp32 (f64 for f64 inputs). Fields not requested by the spec are zeros.
   """
-  return LogitStats(*_stats(spec, config, e_ND, c_VD, bias_V, targets_N))
+  return LogitStats(*_stats(spec, config, e_NxD, c_VxD, bias_V, targets_N))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _stats(spec, config, e_ND, c_VD, bias_V, targets_N):
-  return _stats_fwd(spec, config, e_ND, c_VD, bias_V, targets_N)[0]
+def _stats(spec, config, e_NxD, c_VxD, bias_V, targets_N):
+  return _stats_fwd(spec, config, e_NxD, c_VxD, bias_V, targets_N)[0]
 
 
-def _stats_fwd(spec, config, e_ND, c_VD, bias_V, targets_N):
-  n, d = e_ND.shape
-  v = c_VD.shape[0]
+def _stats_fwd(spec, config, e_NxD, c_VxD, bias_V, targets_N):
+  n, d = e_NxD.shape
+  v = c_VxD.shape[0]
   bn, bv = config.block_n, config.block_v
-  acc = base.acc_dtype(e_ND.dtype, c_VD.dtype)
+  acc = base.acc_dtype(e_NxD.dtype, c_VxD.dtype)
   zeros = jnp.zeros((n,), acc)
   # m: running max, l: running sum of exp(s - m), w: running sum of exp(s - m) * s.
   init = manual_axes.vary(dict(m=jnp.full((n,), -jnp.inf, acc), l=zeros, st=zeros, ssum=zeros, w=zeros),
-                          manual_axes.axes(e_ND))
+                          manual_axes.axes(e_NxD))
 
   def v_step(state, j):
-    _, c_blk, b_blk, cols, col_new = base.vocab_block(j, bv, c_VD, bias_V)
+    _, c_blk, b_blk, cols, col_new = base.vocab_block(j, bv, c_VxD, bias_V)
 
     def n_step(state, i):
       n_start, n_first = base.block_start(i, bn, n)
       row_new = (n_start + jnp.arange(bn)) >= n_first
-      e_blk = lax.dynamic_slice(e_ND, (n_start, 0), (bn, d))
+      e_blk = lax.dynamic_slice(e_NxD, (n_start, 0), (bn, d))
       t_blk = lax.dynamic_slice(targets_N, (n_start,), (bn,))
       old = {k: lax.dynamic_slice(x, (n_start,), (bn,)) for k, x in state.items()}
       s, _ = base.transform(base.logit_tile(e_blk, c_blk, b_blk, spec, acc), spec)
@@ -110,7 +110,7 @@ def _stats_fwd(spec, config, e_ND, c_VD, bias_V, targets_N):
   lse = state["m"] + jnp.log(state["l"])
   mean = state["w"] / state["l"] if spec.with_mean else zeros
   out = (lse, state["st"], state["ssum"], mean)
-  return out, (e_ND, c_VD, bias_V, targets_N, lse, mean)
+  return out, (e_NxD, c_VxD, bias_V, targets_N, lse, mean)
 
 
 _stats.defvjp(_stats_fwd, xla_backward.backward)

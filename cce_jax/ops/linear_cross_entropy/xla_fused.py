@@ -47,7 +47,7 @@ class _Spec:
   block_n: int
 
 
-def reduced_loss(e_ND, c_VD, bias_V, targets_N, coef_N, *, softcap, label_smoothing, z_loss, exact, config):
+def reduced_loss(e_NxD, c_VxD, bias_V, targets_N, coef_N, *, softcap, label_smoothing, z_loss, exact, config):
   """sum_r coef_N[r] * loss_r (fp32 scalar), differentiable in e, c, bias and coef.
 
   coef_N: [N] the tokens' weights in the reduced loss (0 for ignored tokens; NaN makes that token's loss and the
@@ -56,25 +56,25 @@ def reduced_loss(e_ND, c_VD, bias_V, targets_N, coef_N, *, softcap, label_smooth
   stats = base.StatsSpec(softcap=softcap, inv_temperature=1.0, with_sum=bool(label_smoothing), with_mean=False,
                          exact=exact, filter_eps=None)
   spec = _Spec(stats=stats, label_smoothing=label_smoothing, z_loss=z_loss,
-               block_n=min(config.block_n, e_ND.shape[0]))
-  return _loss(spec, e_ND, c_VD, bias_V, targets_N, coef_N)
+               block_n=min(config.block_n, e_NxD.shape[0]))
+  return _loss(spec, e_NxD, c_VxD, bias_V, targets_N, coef_N)
 
 
-def _run(spec, e_ND, c_VD, bias_V, targets_N, coef_N, *, grads):
+def _run(spec, e_NxD, c_VxD, bias_V, targets_N, coef_N, *, grads):
   """(per-token loss [N] (0 where coef is 0), and with grads: fp32 dE [N, D], dC [V, D], dbias [V] or None)
   of sum_r coef_r * loss_r."""
-  n, d = e_ND.shape
-  v = c_VD.shape[0]
+  n, d = e_NxD.shape
+  v = c_VxD.shape[0]
   bn = spec.block_n
   blocks = -(-n // bn)
   pad = blocks * bn - n
-  acc = base.acc_dtype(e_ND.dtype, c_VD.dtype)
-  mm = jnp.result_type(e_ND.dtype, c_VD.dtype)
+  acc = base.acc_dtype(e_NxD.dtype, c_VxD.dtype)
+  mm = jnp.result_type(e_NxD.dtype, c_VxD.dtype)
   precision = base.matmul_precision(spec.stats)
-  e_pad = jnp.pad(e_ND, ((0, pad), (0, 0)))
+  e_pad = jnp.pad(e_NxD, ((0, pad), (0, 0)))
   t_pad = jnp.pad(targets_N.astype(jnp.int32), (0, pad))
   w_pad = jnp.pad(coef_N.astype(acc), (0, pad))
-  c_mm = c_VD.astype(mm)
+  c_mm = c_VxD.astype(mm)
   cols = jnp.arange(v)
 
   def token_losses(stats, live):
@@ -112,7 +112,7 @@ def _run(spec, e_ND, c_VD, bias_V, targets_N, coef_N, *, grads):
     return (dc, db), (loss, de)
 
   init = (jnp.zeros((v, d), acc), None if bias_V is None else jnp.zeros((v,), acc)) if grads else None
-  init = manual_axes.vary(init, manual_axes.axes(e_ND))
+  init = manual_axes.vary(init, manual_axes.axes(e_NxD))
   carry, outs = lax.scan(block, init, jnp.arange(blocks))
   loss_N = outs[0].reshape(-1)[:n]
   if not grads:
@@ -121,17 +121,17 @@ def _run(spec, e_ND, c_VD, bias_V, targets_N, coef_N, *, grads):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _loss(spec, e_ND, c_VD, bias_V, targets_N, coef_N):
-  (loss_N,) = _run(spec, e_ND, c_VD, bias_V, targets_N, coef_N, grads=False)
+def _loss(spec, e_NxD, c_VxD, bias_V, targets_N, coef_N):
+  (loss_N,) = _run(spec, e_NxD, c_VxD, bias_V, targets_N, coef_N, grads=False)
   return jnp.sum(coef_N.astype(loss_N.dtype) * loss_N)
 
 
-def _loss_fwd(spec, e_ND, c_VD, bias_V, targets_N, coef_N):
-  loss_N, de, dc, db = _run(spec, e_ND, c_VD, bias_V, targets_N, coef_N, grads=True)
+def _loss_fwd(spec, e_NxD, c_VxD, bias_V, targets_N, coef_N):
+  loss_N, de, dc, db = _run(spec, e_NxD, c_VxD, bias_V, targets_N, coef_N, grads=True)
   loss = jnp.sum(coef_N.astype(loss_N.dtype) * loss_N)
   # The gradients are kept in their inputs' dtypes (the backward scales them by the cotangent, usually 1).
   db = None if db is None else db.astype(bias_V.dtype)
-  return loss, (loss_N.astype(coef_N.dtype), de.astype(e_ND.dtype), dc.astype(c_VD.dtype), db)
+  return loss, (loss_N.astype(coef_N.dtype), de.astype(e_NxD.dtype), dc.astype(c_VxD.dtype), db)
 
 
 def _loss_bwd(spec, residuals, g):

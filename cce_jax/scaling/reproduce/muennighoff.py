@@ -8,7 +8,7 @@ loss.
     0.0158259 (the upstream notebook's minimum), per the data's PROVENANCE.md.
 (b) The refit of R_D*, R_N* with the Chinchilla part frozen (their procedure), with `cce_jax.scaling.fit`: from the
     law's 16-start grid, and from the positive points of their 4×4 grid (R_D*, R_N* ∈ linspace(0, 20, 4)).
-    Their optimiser (torch L-BFGS, 50 steps of at most 20 iterations) stopped at R_D* = 15.39, R_N* = 5.31; the
+    Their optimiser (PyTorch's L-BFGS, 50 steps of at most 20 iterations) stopped at R_D* = 15.39, R_N* = 5.31; the
     objective is very flat along the valley, and a fit run to convergence reaches a slightly lower objective at
     other values, so the rows report R_D*, R_N*, the objective and R² next to the published ones.
 """

@@ -77,7 +77,7 @@ def upcast(tree):
   return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def numpy_loss(e, c, t, bias=None, softcap=None, label_smoothing=0.0, z_loss=0.0):
+def numpy_loss(e, c, t, bias=None, softcap=None, label_smoothing=0.0, z_loss=0.0, ignore_index=IGNORE):
   """Per-token loss and LSE in float64 NumPy, straight from the definitions."""
   e, c = np.asarray(e, np.float64), np.asarray(c, np.float64)
   logits = e @ c.T + (0.0 if bias is None else np.asarray(bias, np.float64))
@@ -88,9 +88,44 @@ def numpy_loss(e, c, t, bias=None, softcap=None, label_smoothing=0.0, z_loss=0.0
   v = c.shape[0]
   q = np.full(logits.shape, label_smoothing / v)
   t = np.asarray(t)
-  q[np.arange(len(t)), np.where(t == IGNORE, 0, t)] += 1.0 - label_smoothing
+  q[np.arange(len(t)), np.where(t == ignore_index, 0, t)] += 1.0 - label_smoothing
   loss = -(q * (logits - lse[:, None])).sum(-1) + z_loss * lse**2
-  return np.where(t == IGNORE, 0.0, loss), lse
+  return np.where(t == ignore_index, 0.0, loss), lse
+
+
+def numpy_reduced_loss_and_grads(e, c, targets, *, weights=None, ignore_index=IGNORE, shift=0, reduction="mean"):
+  """The op's loss and its gradients (dE, dC) in float64 NumPy, written from the definitions without the library.
+
+  e [*B, D], c [V, D], targets [*B] int, weights [*B] or None. Position i is scored against targets[..., i + shift]
+  (ignored past the end); tokens whose target is `ignore_index` count nothing. "none" gives w * loss per token
+  [*B], "sum" its sum, "mean" that sum over the scored tokens' weight sum (over 1 where that sum is 0). The
+  gradients are those of the scalar loss ("none": of the per-token losses' sum): per token
+  coef * (softmax - onehot), with coef = w (over the mean's divisor).
+  """
+  e64, c64 = np.asarray(e, np.float64), np.asarray(c, np.float64)
+  t = np.asarray(targets)
+  batch_shape, d = e64.shape[:-1], e64.shape[-1]
+  if shift:
+    t = np.concatenate([t[..., shift:], np.full(t.shape[:-1] + (min(shift, t.shape[-1]),), ignore_index)], -1)
+  t_n, e_nd = t.reshape(-1), e64.reshape(-1, d)
+  valid = t_n != ignore_index
+  w = np.ones(t_n.shape) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+  w = np.where(valid, w, 0.0)
+  logits = e_nd @ c64.T
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  rows = np.arange(len(t_n))
+  safe_t = np.where(valid, t_n, 0)
+  per_token = np.where(valid, -np.log(p[rows, safe_t]), 0.0)
+  divisor = 1.0
+  if reduction == "mean":
+    divisor = w.sum() if w.sum() != 0 else 1.0
+  loss = {"none": (w * per_token).reshape(batch_shape), "sum": (w * per_token).sum(),
+          "mean": (w * per_token).sum() / divisor}[reduction]
+  onehot = np.zeros_like(p)
+  onehot[rows, safe_t] = 1.0
+  dlogits = (w / divisor)[:, None] * (p - onehot)
+  return loss, (dlogits @ c64).reshape(e64.shape), dlogits.T @ e_nd
 
 
 def naive_lowp_loss(e, c, targets, bias=None, *, softcap=None, label_smoothing=0.0, z_loss=0.0):

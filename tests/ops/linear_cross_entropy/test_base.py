@@ -1,7 +1,8 @@
 """One test base for `linear_cross_entropy` / `token_logprobs`; each backend subclasses it (see test_xla_chunked).
 
-Every check compares the backend with the materialised fp32 reference on fresh random inputs; test_reference
-checks the reference itself against float64 NumPy.
+Most checks compare the backend with the materialised fp32 reference on fresh random inputs (test_reference checks
+the reference itself against float64 NumPy); the custom ignore_index, shift, weights and reductions are also
+checked against float64 NumPy written in helpers.py, which shares no code with the library.
 """
 
 from __future__ import annotations
@@ -232,6 +233,49 @@ class LinearCrossEntropyTestBase:
     loss, _ = self.assert_matches_reference(params, targets)
     per_token, _ = helpers.numpy_loss(params["e"], params["c"], targets)
     np.testing.assert_allclose(loss, (w * per_token).sum(), rtol=1e-5, atol=1e-6)
+
+  # ---- against float64 NumPy (no library code on the oracle's side) ------------------------------------------
+
+  def loss_and_grads(self, e, c, targets, **kw):
+    """This backend's (loss, (dE, dC)); the gradient is that of the loss's sum."""
+    def f(e, c):
+      loss = cce_jax.linear_cross_entropy(e, c, targets, implementation=self.implementation, **self.extra, **kw)
+      return jnp.sum(loss), loss
+
+    (_, loss), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(e, c)
+    return loss, grads
+
+  @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+  @pytest.mark.parametrize("ignore_at", ["zero", "last"])
+  def test_custom_ignore_index_shift_small_weights_match_numpy(self, ignore_at, reduction):
+    """ignore_index 0 or V - 1 (other targets in range), ignored tokens among scored ones, shift=1 and weights whose
+    scored sum is below 1: loss and gradients of e and c against float64 NumPy."""
+    (batch_shape, d, v), shift = ((2, 9), 20, 37), 1
+    params, _ = self.params(batch_shape, d, v, seed=21)
+    ignore_index = 0 if ignore_at == "zero" else v - 1
+    scored = jax.random.randint(jax.random.key(22), batch_shape, 0, v - 1) + (ignore_index == 0)
+    targets = scored.at[0, 2].set(ignore_index).at[0, 5].set(ignore_index).at[1, 1].set(ignore_index)
+    weights = jax.random.uniform(jax.random.key(23), batch_shape, minval=0.02, maxval=0.08)
+    kw = dict(weights=weights, ignore_index=ignore_index, shift=shift, reduction=reduction)
+    loss, (de, dc) = self.loss_and_grads(params["e"], params["c"], targets, **kw)
+    want, want_de, want_dc = helpers.numpy_reduced_loss_and_grads(params["e"], params["c"], targets, **kw)
+    scored_w = np.asarray(weights)[:, :-shift][np.asarray(targets)[:, shift:] != ignore_index]
+    assert 0 < scored_w.sum() < 1 and len(scored_w) < targets.size - shift * batch_shape[0]
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-7)
+    assert helpers.rel_err(de, want_de) <= 1e-5 and helpers.rel_err(dc, want_dc) <= 1e-5
+
+  def test_all_ignored_with_custom_ignore_index_match_numpy(self):
+    """Every token ignored (ignore_index 0, shift=1, weights 0.1): zero loss and gradients in each reduction."""
+    params, _ = self.params((2, 7), 20, 37, seed=24)
+    targets = jnp.zeros((2, 7), jnp.int32)
+    weights = jnp.full((2, 7), 0.1)
+    for reduction in ("mean", "sum", "none"):
+      kw = dict(weights=weights, ignore_index=0, shift=1, reduction=reduction)
+      loss, grads = self.loss_and_grads(params["e"], params["c"], targets, **kw)
+      want, *want_grads = helpers.numpy_reduced_loss_and_grads(params["e"], params["c"], targets, **kw)
+      np.testing.assert_array_equal(loss, want)
+      for g, wg in zip(grads, want_grads):
+        np.testing.assert_array_equal(g, wg)
 
   # ---- filtering and exact mode -------------------------------------------------------------------------
 

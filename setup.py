@@ -54,7 +54,7 @@ setuptools.setup(
         "tokenizers>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "scipy>=1.13"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "scipy>=1.13", "matplotlib>=3.8"],
         "plots": ["matplotlib>=3.8"],
     },
     license="Apache-2.0",

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: F401  (the test extra installs it: these tests run in CI, never skip)
 
-from cce_jax import scaling  # pylint: disable=wrong-import-position
-from cce_jax.scaling import allocation  # pylint: disable=wrong-import-position
-from cce_jax.scaling import isoflop  # pylint: disable=wrong-import-position
-from cce_jax.scaling import laws  # pylint: disable=wrong-import-position
-from cce_jax.scaling import plots  # pylint: disable=wrong-import-position
+from cce_jax import scaling
+from cce_jax.scaling import allocation
+from cce_jax.scaling import isoflop
+from cce_jax.scaling import laws
+from cce_jax.scaling import plots
 
 THETA = np.array([6.0, 7.5, 0.5, 0.34, 0.37])
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -29,7 +29,6 @@ def test_table_and_plot(tmp_path):
   text = metrics.comparison_table(runs, tail=2)
   assert "| fused | 4.5000 | 2.5000 | 2.5000 | 3,000 |" in text
   assert "| naive | - | 3.7500 | 3.7500 | 3,000 |" in text
-  pytest.importorskip("matplotlib")
   path = metrics.plot_comparison(runs, str(tmp_path / "c.png"), smooth=2)
   assert os.path.getsize(path) > 0
 

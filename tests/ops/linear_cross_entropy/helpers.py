@@ -155,3 +155,30 @@ def run_with_cpu_devices(script, devices):
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def numpy_mean_loss_and_logit_grads(e, c, targets, bias=None, *, weights=None, softcap=None, label_smoothing=0.0,
+                                    z_loss=0.0, ignore_index=IGNORE):
+  """The op's "mean" loss with softcap, label smoothing and z-loss, in float64 NumPy from the definitions.
+
+  e [N, D], c [V, D], targets [N] int, bias [V] or None, weights [N] or None. Per token, with s the softcapped
+  logits, p = softmax(s) and q = (1 - α) onehot(t) + α / V: loss = -Σ_v q_v log p_v + z lse², weighted and
+  divided by the scored tokens' weight sum (by 1 where it is 0). Returns (loss, dz, p): the scalar loss, its
+  gradient [N, V] with respect to the logits z = e @ c.T + bias before the softcap (so dE = dz @ c,
+  dC = dz.T @ e, dbias = dz.sum(0)), and p [N, V].
+  """
+  e64, c64 = np.asarray(e, np.float64), np.asarray(c, np.float64)
+  t = np.asarray(targets)
+  z = e64 @ c64.T + (0.0 if bias is None else np.asarray(bias, np.float64))
+  s = z if softcap is None else softcap * np.tanh(z / softcap)
+  lse = s.max(-1) + np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1))
+  p = np.exp(s - lse[:, None])
+  valid = t != ignore_index
+  q = np.full(s.shape, label_smoothing / s.shape[1])
+  q[np.arange(len(t)), np.where(valid, t, 0)] += 1.0 - label_smoothing
+  per_token = -(q * (s - lse[:, None])).sum(-1) + z_loss * lse**2
+  w = np.where(valid, 1.0 if weights is None else np.asarray(weights, np.float64), 0.0)
+  divisor = w.sum() if w.sum() != 0 else 1.0
+  ds = p * (1.0 + 2.0 * z_loss * lse[:, None]) - q  # q sums to 1 over the vocabulary
+  dz = (w / divisor)[:, None] * ds * (1.0 if softcap is None else 1.0 - (s / softcap) ** 2)
+  return (w * per_token).sum() / divisor, dz, p

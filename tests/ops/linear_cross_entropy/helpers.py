@@ -182,3 +182,67 @@ def numpy_mean_loss_and_logit_grads(e, c, targets, bias=None, *, weights=None, s
   ds = p * (1.0 + 2.0 * z_loss * lse[:, None]) - q  # q sums to 1 over the vocabulary
   dz = (w / divisor)[:, None] * ds * (1.0 if softcap is None else 1.0 - (s / softcap) ** 2)
   return (w * per_token).sum() / divisor, dz, p
+
+
+def numpy_shifted_targets(targets, shift, ignore_index):
+  """targets[..., i + shift] at position i, ignore_index past the end (NumPy)."""
+  t = np.asarray(targets)
+  if not shift:
+    return t
+  return np.concatenate([t[..., shift:], np.full(t.shape[:-1] + (min(shift, t.shape[-1]),), ignore_index)], -1)
+
+
+def _numpy_scaled_logits(e, c, bias, softcap, temperature):
+  """(s, ds/dz) [N, V] float64: s = softcap·tanh(z / softcap) / temperature of z = e @ c.T + bias."""
+  z = np.asarray(e, np.float64) @ np.asarray(c, np.float64).T
+  if bias is not None:
+    z = z + np.asarray(bias, np.float64)
+  if softcap is None:
+    return z / temperature, np.full(z.shape, 1.0 / temperature)
+  u = np.tanh(z / softcap)
+  return softcap * u / temperature, (1.0 - u * u) / temperature
+
+
+def numpy_token_logprobs(e, c, targets, *, bias=None, temperature=1.0, softcap=None, ignore_index=IGNORE, shift=0):
+  """`token_logprobs` in float64 NumPy from the definitions: (log p(target), entropy), each [*B].
+
+  e [*B, D], c [V, D], targets [*B] int, bias [V] or None; p = softmax(softcap·tanh(z / softcap) / temperature)
+  with z = e @ c.T + bias. Position i is scored against targets[..., i + shift] (ignored past the end). The
+  log-prob is 0 where the target is ignore_index and NaN where it lies outside [0, V) otherwise; the entropy
+  -Σ p log p is that of every position's distribution, ignored or not.
+  """
+  d, v = np.shape(e)[-1], np.shape(c)[0]
+  t = numpy_shifted_targets(targets, shift, ignore_index)
+  s, _ = _numpy_scaled_logits(np.reshape(e, (-1, d)), c, bias, softcap, temperature)
+  logp = s - s.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  entropy = -(np.exp(logp) * logp).sum(-1)
+  t_n = t.reshape(-1)
+  in_range = (t_n >= 0) & (t_n < v)
+  picked = logp[np.arange(len(t_n)), np.where(in_range, t_n, 0)]
+  out = np.where(t_n == ignore_index, 0.0, np.where(in_range, picked, np.nan))
+  return out.reshape(t.shape), entropy.reshape(t.shape)
+
+
+def numpy_token_logprobs_grads(e, c, targets, g_logp, g_entropy, *, bias=None, temperature=1.0, softcap=None,
+                               ignore_index=IGNORE, shift=0):
+  """Gradients (dE [*B, D], dC [V, D], dbias [V]) of Σ g_logp·logp + Σ g_entropy·entropy, the outputs of
+  `numpy_token_logprobs` (targets in range or ignore_index), in float64 NumPy.
+
+  Per position, with p = softmax(s): d logp_t / ds = onehot(t) - p (0 where ignored: the log-prob is constant
+  there), d entropy / ds = -p (s - Σ p s); then dz = ds · ds/dz, dE = dz @ c, dC = dz.T @ e, dbias = Σ_n dz.
+  """
+  d = np.shape(e)[-1]
+  e_nd, c64 = np.reshape(np.asarray(e, np.float64), (-1, d)), np.asarray(c, np.float64)
+  t_n = numpy_shifted_targets(targets, shift, ignore_index).reshape(-1)
+  s, dsdz = _numpy_scaled_logits(e_nd, c64, bias, softcap, temperature)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  scored = t_n != ignore_index
+  onehot = np.zeros_like(p)
+  onehot[np.arange(len(t_n))[scored], t_n[scored]] = 1.0
+  a = np.where(scored, np.asarray(g_logp, np.float64).reshape(-1), 0.0)[:, None]
+  b = np.asarray(g_entropy, np.float64).reshape(-1)[:, None]
+  ds = a * (onehot - p) - b * p * (s - (p * s).sum(-1, keepdims=True))
+  dz = ds * dsdz
+  return (dz @ c64).reshape(np.shape(e)), dz.T @ e_nd, dz.sum(0)

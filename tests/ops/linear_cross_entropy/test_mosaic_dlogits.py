@@ -50,7 +50,9 @@ def test_dense_backward_matches_the_xla_backward(n, d, v, block_n, block_v, soft
   assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
   assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
   for g, w in zip(got[:2], want[:2]):
-    assert helpers.rel_err(g, w) < 1e-2  # both round dZ to bf16 before the GEMMs
+    # Both form dZ in fp32 and round it to bf16 before fp32-accumulated GEMMs: they differ by the summation order
+    # and by the rare dZ entry whose rounding flips (measured <= 1e-5; g_sum's term 1% off moves them by 1e-2).
+    assert helpers.rel_err(g, w) < 1e-4
 
 
 @pytest.mark.parametrize("options", [dict(exact=True), dict(filter_eps=None, softcap=5.0, label_smoothing=0.1,

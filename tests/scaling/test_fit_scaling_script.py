@@ -1,6 +1,6 @@
-"""experiments/fit_scaling.py: fit mode on a small synthetic CSV (as a process and in-process with a stand-in
-bootstrap), bad input and short usage errors, and the reproductions (registry, progress lines, missing data, Epoch
-AI's Chinchilla fit from the download cache, Porian et al.'s exponents)."""
+"""experiments/fit_scaling.py: fit mode on a small synthetic CSV (as a process, and in-process with the real
+bootstrap at a small size), bad input and short usage errors, and the reproductions (registry, progress lines,
+missing data, Epoch AI's Chinchilla fit from the download cache, Porian et al.'s exponents)."""
 
 from __future__ import annotations
 
@@ -37,10 +37,12 @@ def _env(**overrides):
   return dict(os.environ, JAX_PLATFORMS="cpu", **overrides)
 
 
-def _write_runs(path, weight=True):
-  """3 IsoFLOP budgets × 5 model sizes centred on N_opt, noise-free Chinchilla losses."""
+def _write_runs(path, weight=True, noise=0.0):
+  """3 IsoFLOP budgets × 5 model sizes centred on N_opt, Chinchilla losses: noise-free, or each multiplied by
+  exp(noise · z) with z ~ N(0, 1) from a fixed seed (the same z for every noise level)."""
   budgets = np.array([1e19, 1e20, 1e21])
   n_opt, _ = allocation.chinchilla_optimum(TRUTH, budgets)
+  z = iter(np.random.default_rng(0).standard_normal(15))
   with open(path, "w", newline="", encoding="utf-8") as f:
     w = csv.writer(f)
     w.writerow(["N", "D", "loss", "note"] + (["weight"] if weight else []))
@@ -48,7 +50,7 @@ def _write_runs(path, weight=True):
       for n in center * np.geomspace(0.25, 4, 5):
         d = c / (6 * n)
         loss = TRUTH["E"] + TRUTH["A"] / n ** TRUTH["alpha"] + TRUTH["B"] / d ** TRUTH["beta"]
-        w.writerow([n, d, loss, "x"] + ([1.0] if weight else []))
+        w.writerow([n, d, loss * np.exp(noise * next(z)), "x"] + ([1.0] if weight else []))
   return path
 
 
@@ -117,27 +119,44 @@ def script():
   return module
 
 
-def test_bootstrap_goes_through_the_adapter(script, tmp_path, monkeypatch):
-  calls = {}
+def test_bootstrap_intervals_from_real_refits(script, tmp_path, monkeypatch):
+  """--bootstrap through the adapter into the real pairs bootstrap (20 resamples of 15 noisy points): each
+  interval holds the estimate and has width; a seed gives the same intervals, another seed others; and twice the
+  data's noise gives about twice the widths (small noise: the refits are linear in it), which no stand-in for the
+  refits would."""
+  from cce_jax.scaling import bootstrap
+  calls = []
 
-  def pairs_bootstrap(law, x, loss, *, weights=None, n_resamples, seed, **fit_kwargs):
-    calls.update(law=law.name, points=len(loss), n_resamples=n_resamples, seed=seed, kwargs=sorted(fit_kwargs))
-    rng = np.random.default_rng(seed)
-    center = np.array([np.log(TRUTH["A"]), np.log(TRUTH["B"]), np.log(TRUTH["E"]), TRUTH["alpha"], TRUTH["beta"]])
-    return types.SimpleNamespace(thetas=center + 0.01 * rng.standard_normal((n_resamples, 5)))
+  def spy(law, x, loss, **kwargs):
+    calls.append(dict(law=law.name, points=len(loss), **{k: kwargs[k] for k in ("n_resamples", "seed")},
+                      kwargs=sorted(set(kwargs) - {"n_resamples", "seed", "weights"})))
+    return bootstrap.pairs_bootstrap(law, x, loss, **kwargs)
 
-  monkeypatch.setitem(sys.modules, "cce_jax.scaling.bootstrap", types.SimpleNamespace(pairs_bootstrap=pairs_bootstrap))
-  data = _write_runs(tmp_path / "runs.csv", weight=False)
-  report = script.fit_command(law_name="chinchilla", data=str(data), out=str(tmp_path / "out"), resamples=20,
-                             seed=3, grid_stride=int(STRIDE))
-  assert calls == dict(law="chinchilla", points=15, n_resamples=20, seed=3, kwargs=["delta", "init", "reduction"])
+  monkeypatch.setitem(sys.modules, "cce_jax.scaling.bootstrap", types.SimpleNamespace(pairs_bootstrap=spy))
+  monkeypatch.setattr(script, "write_plots", lambda *args, **kwargs: [])  # the plots have their own test
+
+  def fit(noise, seed):
+    data = _write_runs(tmp_path / f"runs_{noise}.csv", weight=False, noise=noise)
+    return script.fit_command(law_name="chinchilla", data=str(data), out=str(tmp_path / "out"), resamples=20,
+                              seed=seed, grid_stride=int(STRIDE))
+
+  report = fit(1e-3, seed=3)
+  assert calls[0] == dict(law="chinchilla", points=15, n_resamples=20, seed=3,
+                          kwargs=["delta", "init", "reduction"])
   boot = report["bootstrap"]
-  assert boot["resamples"] == 20 and boot["level"] == 0.95
+  assert boot["resamples"] == 20 and boot["level"] == 0.95 and boot["intervals"].keys() == report["params"].keys()
   for name, ci in boot["intervals"].items():
-    assert ci["lo"] < ci["hi"] and ci["se"] > 0, name
-  assert ci["lo"] < TRUTH["beta"] < ci["hi"]
+    assert ci["lo"] < report["params"][name] < ci["hi"] and ci["se"] > 0, (name, ci, report["params"][name])
+  assert fit(1e-3, seed=3)["bootstrap"]["intervals"] == boot["intervals"]
+  other = fit(1e-3, seed=4)["bootstrap"]["intervals"]
+  assert all(other[name] != ci for name, ci in boot["intervals"].items())
+  noisier = fit(2e-3, seed=3)["bootstrap"]["intervals"]
+  width = lambda ci: ci["hi"] - ci["lo"]
+  for name in ("E", "alpha", "beta"):
+    ratio = width(noisier[name]) / width(boot["intervals"][name])
+    assert 1.5 < ratio < 3.0, (name, ratio)
   saved = json.loads((tmp_path / "out" / "fit.json").read_text())
-  assert saved["bootstrap"]["intervals"]["alpha"] == boot["intervals"]["alpha"]
+  assert saved["bootstrap"]["intervals"]["alpha"] == noisier["alpha"]
   assert "95% interval" in script.parameter_table(report)
 
 

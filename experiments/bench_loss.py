@@ -1,11 +1,13 @@
 r"""Benchmark of the fused loss against the materialised one, following the "Protocol" section of BENCHMARKS.md.
 
-  python experiments/bench_loss.py --shapes=gemma2_2b,llama3_8b_4k --regimes=random,peaked --out=/tmp/bench
+  python experiments/bench_loss.py --shapes=gemma2_2b,llama3_8b_4k --regimes=lm_like,peaked --out=/tmp/bench
 
 Every method runs in this one process on the same inputs: median time of the forward and of loss + gradient
 (>= 20 timed runs after a warm-up, blocking on the results), effective TFLOP/s, the temporary memory of the
 compiled loss + gradient program, and the relative L2 error of loss, dE and dC against the fp32 reference
-(upcast inputs, HIGHEST precision). Prints a markdown table last and writes JSON to --out.
+(upcast inputs, HIGHEST precision). Each input's statistics (mean loss and entropy, share of softmax entries
+>= 2^-12, ...; regime_stats on its first 512 tokens) are printed before its methods and stored in its rows.
+Prints a table of the inputs' statistics and one of the methods last, and writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: benchmarks/
 # pylint: disable=wrong-import-position
+from benchmarks.linear_cross_entropy import lm_like
+from benchmarks.linear_cross_entropy import regime_stats
 from benchmarks.linear_cross_entropy import torch_anchors
 from benchmarks.linear_cross_entropy.harness import loss_fn
 from benchmarks.linear_cross_entropy.harness import median_ms
 from benchmarks.linear_cross_entropy.harness import rel_err
+from benchmarks.linear_cross_entropy.inputs import REGIMES
 from benchmarks.linear_cross_entropy.inputs import SHAPES
 from benchmarks.linear_cross_entropy.inputs import load_lm
 from benchmarks.linear_cross_entropy.inputs import make_inputs
@@ -35,8 +40,12 @@ JAX_METHODS = ("naive", "xla_chunked", "xla_fused", "xla_fused_exact", "pallas_g
 METHODS = JAX_METHODS + torch_anchors.ANCHORS
 
 _SHAPES = flags.DEFINE_list("shapes", ["gemma2_2b"], f"Shapes from {sorted(SHAPES)}.")
-_REGIMES = flags.DEFINE_list("regimes", ["random", "peaked"],
-                             "Input regimes: random, peaked, lm (needs --lm_file; ignores --shapes).")
+_REGIMES = flags.DEFINE_list(
+    "regimes", ["random", "peaked"],
+    "Input regimes: random, peaked, lm_like (a trained LM's statistics, --lm_like_entropy), lm (needs --lm_file; "
+    "ignores --shapes).")
+_LM_LIKE_ENTROPY = flags.DEFINE_float("lm_like_entropy", lm_like.DEFAULT_ENTROPY,
+                                      "Mean softmax entropy (nats) of the lm_like regime.")
 _LM_FILE = flags.DEFINE_string("lm_file", None, "An .npz from experiments/dump_hidden.py for the lm regime.")
 _METHODS = flags.DEFINE_list(
     "methods", list(METHODS),
@@ -46,6 +55,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per measurement.")
 _ACCURACY = flags.DEFINE_bool("accuracy", True, "Compare against the fp32 reference (needs N×V fp32 memory).")
 _OUT = flags.DEFINE_string("out", None, "Folder for results.json.")
+STATS_TOKENS = 512  # tokens whose softmax statistics describe the inputs
 
 
 def run_one(shape_name, regime, methods, dtype, repeats, accuracy):
@@ -55,7 +65,13 @@ def run_one(shape_name, regime, methods, dtype, repeats, accuracy):
     shape_name = f"lm:{os.path.basename(_LM_FILE.value)}"
   else:
     n, d, v, softcap = SHAPES[shape_name]
-    e, c, targets = make_inputs(n, d, v, dtype, regime)
+    entropy = _LM_LIKE_ENTROPY.value if regime == "lm_like" else None
+    e, c, targets = make_inputs(n, d, v, dtype, regime, entropy=entropy, softcap=softcap)
+  sample = (e[:STATS_TOKENS], c, targets[:STATS_TOKENS], softcap)
+  stats = {f"regime_{k}": x for k, x in regime_stats.regime_stats(*sample).items()}
+  if regime == "lm_like":
+    stats["lm_like_entropy"] = _LM_LIKE_ENTROPY.value
+  print(json.dumps(dict(shape=shape_name, regime=regime, **stats)), flush=True)
   gemm_tflop = 2 * n * d * v / 1e12
   ref = None
   if accuracy:
@@ -69,7 +85,7 @@ def run_one(shape_name, regime, methods, dtype, repeats, accuracy):
       measure = lambda with_results, m=method: torch_anchors.measure(m, e, c, targets, softcap, repeats)
     else:
       measure = _jax_measure(method, softcap, e, c, targets, repeats)
-    row = dict(shape=shape_name, regime=regime, method=method, n=n, d=d, v=v, softcap=softcap)
+    row = dict(shape=shape_name, regime=regime, method=method, n=n, d=d, v=v, softcap=softcap, **stats)
     rows.append(_fill_row(row, measure, gemm_tflop, ref))
   return rows
 
@@ -113,6 +129,15 @@ def _fill_row(row, measure, gemm_tflop, ref):
   return row
 
 
+def regime_table(rows):
+  """The inputs' statistics (regime_stats' table), one line per (shape, regime)."""
+  lines = [regime_stats.TABLE_HEADER]
+  for r in {(r["shape"], r["regime"]): r for r in rows}.values():
+    lines.append(regime_stats.table_line(r["shape"], r["regime"], {k[len("regime_"):]: x for k, x in r.items()
+                                                                   if k.startswith("regime_")}))
+  return "\n".join(lines)
+
+
 def table(rows):
   lines = ["| shape | regime | method | fwd ms | fwd+bwd ms | bwd ms | fwd TFLOP/s | temp MiB | err loss | err dE "
            "| err dC |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -137,11 +162,29 @@ def _commit():
     return "unknown"
 
 
-def main(argv):
-  del argv
+def _check_flags():
+  """One-line usage errors before anything runs."""
   for m in _METHODS.value:
     if m not in METHODS:
       raise app.UsageError(f"unknown method {m!r}; choose from {METHODS}")
+  for regime in _REGIMES.value:
+    if regime not in REGIMES + ("lm",):
+      raise app.UsageError(f"unknown regime {regime!r}; choose from {REGIMES + ('lm',)}")
+  for shape_name in _SHAPES.value:
+    if shape_name not in SHAPES:
+      raise app.UsageError(f"unknown shape {shape_name!r}; choose from {sorted(SHAPES)}")
+    if "lm_like" in _REGIMES.value:
+      try:
+        lm_like.check_entropy(_LM_LIKE_ENTROPY.value, SHAPES[shape_name][2])
+      except ValueError as err:
+        raise app.UsageError(f"--lm_like_entropy at {shape_name}: {err}") from None
+  if "lm" in _REGIMES.value and not _LM_FILE.value:
+    raise app.UsageError("the lm regime needs --lm_file (write one with experiments/dump_hidden.py)")
+
+
+def main(argv):
+  del argv
+  _check_flags()
   anchors = torch_anchors.available()
   methods = [m for m in _METHODS.value if m in JAX_METHODS or m in anchors]
   for m in sorted(set(_METHODS.value) - set(methods)):
@@ -152,8 +195,6 @@ def main(argv):
   if anchors:
     header += ", " + ", ".join(f"{k} {v}" for k, v in sorted(anchors.items()))
   print(header, flush=True)
-  if "lm" in _REGIMES.value and not _LM_FILE.value:
-    raise app.UsageError("the lm regime needs --lm_file (write one with experiments/dump_hidden.py)")
   rows = []
   for shape_name in _SHAPES.value:
     for regime in _REGIMES.value:
@@ -169,6 +210,8 @@ def main(argv):
                 indent=2)
   print()
   print(header)
+  print(regime_table(rows))
+  print()
   print(table(rows))
 
 

@@ -36,3 +36,14 @@ def test_regime_stats_match_numpy(softcap, scale):
     assert 0 < got["tiles_kept"] < 1  # peaked enough to skip some tiles
   else:
     assert got["loss"] > 1 and got["entropy"] > 1
+
+
+def test_cli_prints_every_regime_and_refuses_unknown_ones(capsys):
+  regime_stats.main(["--shapes=tiny", "--regimes=random,lm_like", "--lm_like_entropy=3", "--tokens=64"])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[1] == regime_stats.TABLE_HEADER.splitlines()[0]
+  lm_like_line = next(line for line in lines if line.startswith("| tiny | lm_like |"))
+  assert abs(float(lm_like_line.split("|")[4]) - 3.0) < 0.3  # the entropy column
+  assert any(line.startswith("| tiny | random |") for line in lines)
+  with pytest.raises(SystemExit):
+    regime_stats.main(["--shapes=tiny", "--regimes=lm"])

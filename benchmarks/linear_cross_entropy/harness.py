@@ -43,6 +43,13 @@ def loss_fn(method, softcap):
       cfg = dataclasses.replace(cfg, **_FILTERED_VARIANTS[method])
       return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", config=cfg)
     return variant
+  if method == "pallas_gpu_full_recompute":  # filter_eps=None through the four-GEMM recomputing backward
+    def recompute(e, c, t):
+      cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap)
+      cfg = dataclasses.replace(cfg, forward_gradient="off")
+      return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", filter_eps=None,
+                                  config=cfg)
+    return recompute
   kw = {"reference": dict(implementation="reference"), "xla_chunked": dict(implementation="xla_chunked"),
         "xla_fused": dict(implementation="xla_fused"), "xla_fused_exact": dict(implementation="xla_fused", exact=True),
         "pallas_gpu": dict(implementation="pallas_gpu"),

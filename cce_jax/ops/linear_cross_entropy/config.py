@@ -100,6 +100,12 @@ class PallasGpuConfig:
       most tiles are kept): "auto" takes its dZ from the Mosaic GPU kernel of `mosaic_dlogits` on Hopper GPUs
       where it applies (same conditions as the Mosaic forward), else from XLA; "xla"; or "mosaic" (an error
       where it does not apply).
+    forward_gradient: a reduced loss ("mean" or "sum") without filtering or exact mode forms its gradient in the
+      forward pass (`forward_gradient`: three N·V·D GEMMs instead of four, for a workspace): "auto" on Hopper GPUs
+      where it applies (the Mosaic forward's conditions; no vocabulary split, return_lse, or label smoothing
+      with a softcap), "off", or "mosaic" (an error where the kernel cannot run these inputs).
+    forward_gradient_bytes: that path's workspace: the bf16 [tokens, V] block of exp(s - ref)·ds/dz of one chunk
+      of tokens (at least 128 tokens); the fp32 [V, D] dC accumulator comes on top.
     approx_math: the Mosaic kernels' exp2 and tanh use the GPU's approximate instructions (loss error ~1e-6
       relative).
   """
@@ -123,6 +129,8 @@ class PallasGpuConfig:
   dense_backward_kernel: str = "auto"
   approx_math: bool = True
   low_memory: bool = False
+  forward_gradient: str = "auto"
+  forward_gradient_bytes: int = 1 << 31
 
   def __post_init__(self):
     for name in ("block_n", "block_v", "block_d", "grad_block_d", "grad_block_n"):
@@ -153,6 +161,13 @@ class PallasGpuConfig:
     if self.dense_backward_kernel not in ("auto", "xla", "mosaic"):
       raise ValueError("PallasGpuConfig.dense_backward_kernel must be 'auto', 'xla' or 'mosaic', got "
                        f"{self.dense_backward_kernel!r}")
+    if self.forward_gradient not in ("auto", "off", "mosaic"):
+      raise ValueError("PallasGpuConfig.forward_gradient must be 'auto', 'off' or 'mosaic', got "
+                       f"{self.forward_gradient!r}")
+    if (not isinstance(self.forward_gradient_bytes, int) or isinstance(self.forward_gradient_bytes, bool)
+        or self.forward_gradient_bytes < 1):
+      raise ValueError("PallasGpuConfig.forward_gradient_bytes must be a positive int, got "
+                       f"{self.forward_gradient_bytes!r}")
     if not isinstance(self.approx_math, bool):
       raise ValueError(f"PallasGpuConfig.approx_math must be a bool, got {self.approx_math!r}")
     if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):

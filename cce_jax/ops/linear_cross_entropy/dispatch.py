@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cce_jax.ops.linear_cross_entropy import forward_gradient
 from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import pallas_gpu
 from cce_jax.ops.linear_cross_entropy import reference
@@ -72,6 +73,13 @@ def cross_entropy(e, c, targets, *, bias, ignore_index, softcap, reduction, shif
                        return_lse=return_lse, config=config)
   backend, backend_kwargs = _backend(backend_name, implementation, config, interpret, e_NxD.shape, c.shape,
                                      softcap, filtered=filter_eps is not None and not exact)
+  if (backend is pallas_gpu and reduction != "none" and not return_lse and vocab_split is None and not exact
+      and filter_eps is None and forward_gradient.applies(backend_kwargs["config"], interpret, e_NxD, c, bias,
+                                                          softcap=softcap, label_smoothing=label_smoothing)):
+    coef_N = _reduction_coefficients(targets_N, valid_N, weights, c.shape[0], reduction)
+    return forward_gradient.reduced_loss(e_NxD, c, manual_axes.vary(targets_N, names), coef_N, softcap=softcap,
+                                         label_smoothing=label_smoothing, z_loss=z_loss, interpret=interpret,
+                                         config=backend_kwargs["config"])
   backend_kwargs.update(_split_kwargs(vocab_split, backend, backend_kwargs.get("config"), with_vocab_size=True))
   loss_N, lse_N = backend.cross_entropy_per_token(
       e_NxD, c, bias, _backend_targets(targets_N, vocab_split, names), valid_N, softcap=softcap,
@@ -136,13 +144,18 @@ def _fused_loss(e_NxD, c, bias, targets_N, valid_N, weights, *, reduction, softc
   n, v = e_NxD.shape[0], c.shape[0]
   if n == 0:
     return jnp.zeros((), jnp.float32)
-  weights_N = token_weights(valid_N, weights, jnp.float32)
-  coef_N = weights_N * _nan_where_out_of_range(targets_N, valid_N, v, jnp.float32)
-  if reduction == "mean":
-    coef_N = coef_N / mean_divisor(jnp.sum(weights_N))
+  coef_N = _reduction_coefficients(targets_N, valid_N, weights, v, reduction)
   return xla_fused.reduced_loss(e_NxD, c, bias, targets_N, coef_N, softcap=softcap,
                                 label_smoothing=label_smoothing, z_loss=z_loss, exact=exact,
                                 config=(config or xla_fused.default_config(n, v)).clamped(n, v))
+
+
+def _reduction_coefficients(targets_N, valid_N, weights, vocab_size, reduction):
+  """Each token's coefficient [N] fp32 in a reduced loss: its weight (0 if ignored; over the weight sum for
+  "mean"), NaN for a scored token whose target is outside [0, V)."""
+  weights_N = token_weights(valid_N, weights, jnp.float32)
+  coef_N = weights_N * _nan_where_out_of_range(targets_N, valid_N, vocab_size, jnp.float32)
+  return coef_N / mean_divisor(jnp.sum(weights_N)) if reduction == "mean" else coef_N
 
 
 def token_weights(valid_N, weights, dtype):

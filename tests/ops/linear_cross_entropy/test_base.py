@@ -283,11 +283,11 @@ class LinearCrossEntropyTestBase:
 
   def test_filter_eps(self):
     params, targets = self.params((64,), 32, 2000, jnp.bfloat16, seed=13, regime="peaked")
-    _, _, exact = self.run(params, targets, exact=True)
-    _, _, unfiltered = self.run(params, targets, filter_eps=None)
-    _, _, auto = self.run(params, targets)
-    _, _, tiny = self.run(params, targets, filter_eps=1e-30)
-    _, _, everything = self.run(params, targets, filter_eps=2.0)  # |softmax - onehot| <= 1 < 2 everywhere
+    # Per-token losses with unequal cotangents: every filter setting runs the same (recomputing) backward. (A
+    # reduced loss without filtering may form its gradient in the forward pass instead: checked last.)
+    run = lambda **kw: self.run(params, targets, reduction="none", **kw)[2]
+    exact, unfiltered, auto, tiny = run(exact=True), run(filter_eps=None), run(), run(filter_eps=1e-30)
+    everything = run(filter_eps=2.0)  # |softmax - onehot| <= 1 < 2 everywhere
     for g in everything.values():
       np.testing.assert_array_equal(g, 0.0)
     for k in unfiltered:
@@ -296,6 +296,9 @@ class LinearCrossEntropyTestBase:
       # above this bound.
       assert helpers.rel_err(tiny[k], unfiltered[k]) < 1e-3, k
       assert helpers.rel_err(auto[k], exact[k]) < 1e-2, k
+    reduced, reduced_exact = self.run(params, targets, filter_eps=None)[2], self.run(params, targets, exact=True)[2]
+    for k in reduced:
+      assert helpers.rel_err(reduced[k], reduced_exact[k]) < 1e-2, k
 
   def test_exact_is_deterministic(self):
     params, targets = self.params((3, 21), 40, 1000, jnp.bfloat16, seed=14, bias=True)

@@ -35,7 +35,10 @@ def linear_cross_entropy(
 
   The logits `z = e @ c.T (+ bias)`, optionally softcapped to `softcap * tanh(z / softcap)`, exist only one
   [block_n, block_v] tile at a time; the forward keeps the fp32 log-sum-exp per token for the backward, which
-  recomputes the tiles (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models").
+  recomputes the tiles (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"). On Hopper
+  GPUs a reduced loss with `filter_eps=None` instead forms its gradient in the forward pass from one chunk of
+  tokens at a time (a bf16 [chunk, V] workspace, 2 GiB by default, and an fp32 [V, D] sum; three GEMMs instead of
+  four: `PallasGpuConfig.forward_gradient`).
 
   Per token, with s the (softcapped) logits, lse = logsumexp(s) and α = label_smoothing:
     loss = (1 - α)·(lse - s[t]) + α·(lse - mean(s)) + z_loss·lse²

@@ -138,3 +138,26 @@ def test_filtered_gradients_leave_out_only_entries_below_filter_eps():
 
 def test_token_logprobs_and_gradient():
   helpers.run_with_cpu_devices(_SCRIPT.format(check="_check_logprobs"), 2)
+
+
+def _check_forward_gradient_batch_split():
+  """The gradient formed in the forward pass (`forward_gradient`; its kernel's jnp twin in interpret mode) with
+  the tokens split over the devices: each device's dC share is summed over the mesh, the mean over all tokens."""
+  e, c, targets, _ = helpers.make_inputs(5, (N,), 32, V, ignore_frac=0.15)  # the kernel needs D % 16 == 0
+  weights = jax.random.uniform(jax.random.key(105), (N,), jnp.float32, 0.5, 1.5)
+  e, c = (2.0 * e).astype(jnp.bfloat16), c.astype(jnp.bfloat16)
+  config = PallasGpuConfig(forward_gradient="mosaic", forward_gradient_bytes=128 * 256 * 2)
+  for options in (dict(), dict(softcap=5.0, z_loss=1e-3), dict(label_smoothing=0.1)):
+    f = lambda e, c: cce_jax.sharded.linear_cross_entropy(
+        e, c, targets, weights=weights, mesh=_mesh(), batch_axes="model", implementation="pallas_gpu",
+        interpret=True, config=config, filter_eps=None, **options)
+    loss, (de, dc) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(e, c)
+    want, dz, _ = helpers.numpy_mean_loss_and_logit_grads(e, c, targets, weights=weights, **options)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, err_msg=str(options))
+    for name, g, w in zip(("dE", "dC"), (de, dc), _numpy_grads(dz, e, c)[:2]):
+      # bf16 X and gradients: a few 2^-9 roundings (measured ~2e-3); a device's lost share is >= 0.3
+      assert helpers.rel_err(g, w) < 8e-3, (name, options, helpers.rel_err(g, w))
+
+
+def test_forward_gradient_with_the_tokens_split():
+  helpers.run_with_cpu_devices(_SCRIPT.format(check="_check_forward_gradient_batch_split"), 2)

@@ -45,7 +45,7 @@ def parse_config(text):
 def main(argv):
   del argv
   n, d, v, softcap = inputs.SHAPES[_SHAPE.value]
-  e, c, t = inputs.make_inputs(n, d, v, jnp.bfloat16, _REGIME.value)
+  e, c, t = inputs.make_inputs(n, d, v, jnp.bfloat16, _REGIME.value, softcap=softcap)
   ref_loss, (ref_de, ref_dc) = jax.jit(jax.value_and_grad(
       harness.loss_fn("reference", softcap), argnums=(0, 1)))(e.astype(jnp.float32), c.astype(jnp.float32), t)
   print(f"{jax.devices()[0].device_kind} jax {jax.__version__} {_SHAPE.value} {_REGIME.value}", flush=True)

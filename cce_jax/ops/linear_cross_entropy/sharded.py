@@ -76,8 +76,8 @@ def linear_cross_entropy(e, c, targets, *, mesh, batch_axes=(), vocab_axes=(), b
     return (loss, lse) if return_lse else loss
 
   loss_spec = tok if reduction == "none" else P()
-  fn = shard_map(local, mesh=mesh, in_specs=(tok, rows, tok, rows, tok),
-                 out_specs=(loss_spec, tok) if return_lse else loss_spec)
+  fn = _shard_map(local, options, mesh=mesh, in_specs=(tok, rows, tok, rows, tok),
+                  out_specs=(loss_spec, tok) if return_lse else loss_spec)
   return fn(e, c, targets, bias, weights)
 
 
@@ -93,8 +93,17 @@ def token_logprobs(e, c, targets, *, mesh, batch_axes=(), vocab_axes=(), bias=No
   local = lambda e, c, targets, bias: dispatch.logprobs(
       e, c, targets, bias=bias, return_entropy=return_entropy, ignore_index=ignore_index, shift=shift,
       vocab_split=_vocab_split(mesh, vocab, c), **options)
-  fn = shard_map(local, mesh=mesh, in_specs=(tok, rows, tok, rows), out_specs=(tok, tok) if return_entropy else tok)
+  fn = _shard_map(local, options, mesh=mesh, in_specs=(tok, rows, tok, rows),
+                  out_specs=(tok, tok) if return_entropy else tok)
   return fn(e, c, targets, bias)
+
+
+def _shard_map(local, options, **kwargs):
+  """shard_map of `local`; with interpret=True (Pallas kernels on CPU) without the varying-axes check, which the
+  Pallas interpreter does not trace under (its slices mix varying data with program ids)."""
+  if options.get("interpret"):
+    kwargs["check_vma"] = False
+  return shard_map(local, **kwargs)
 
 
 def _op_options(op, caller, kwargs):

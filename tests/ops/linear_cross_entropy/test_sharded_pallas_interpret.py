@@ -4,8 +4,8 @@ label smoothing (whose uniform part spans the whole vocabulary, not one device's
 weights, the gradients of e, c and bias, with gradient filtering off and on; token_logprobs and its gradient.
 
 Each test runs in a fresh process with two CPU devices. The Pallas interpreter does not trace under shard_map's
-check_vma=True (its dynamic slices mix varying data with program ids; see test_shard_map), so that process builds
-`sharded`'s shard_map with check_vma=False; compiled on GPUs the kernels run with the checks on
+check_vma=True (its dynamic slices mix varying data with program ids; see test_shard_map), so `sharded` turns the
+check off with interpret=True; compiled on GPUs the kernels run with the checks on
 (test_sharded.test_pallas_gpu_vocabulary_split_over_the_local_gpus).
 """
 
@@ -29,10 +29,7 @@ _CONFIG = PallasGpuConfig(block_n=16, block_v=32, block_d=16, grad_block_n=16, g
 _RTOL = helpers.F32_RTOL
 
 _SCRIPT = """
-    import functools
-    from cce_jax.ops.linear_cross_entropy import sharded
     from tests.ops.linear_cross_entropy import test_sharded_pallas_interpret as t
-    sharded.shard_map = functools.partial(sharded.shard_map, check_vma=False)
     t.{check}()
     print("OK")
 """

@@ -1,4 +1,12 @@
 """Quantization transforms over Flax parameter pytrees (`cce_jax.quant`).
 
-Empty for now: RTN, AWQ, GPTQ, SmoothQuant and the FP8/FP4/MX/NVFP4 formats land here.
+Formats (`cce_jax.quant.formats`): int8/int4/int3/int2, uint8/uint4/uint3, fp8_e4m3/fp8_e5m2, mxfp8/mxfp6/mxfp4,
+nvfp4, nf4. `quantize(x, fmt, *, axis=0, group_size=None) -> QArray`, `QArray.dequantize()`, `fake_quantize`.
 """
+
+from cce_jax.quant import formats
+from cce_jax.quant.formats import Format, get_format
+from cce_jax.quant.qarray import QArray
+from cce_jax.quant.quantize import fake_quantize, quantize
+
+__all__ = ["Format", "QArray", "fake_quantize", "formats", "get_format", "quantize"]

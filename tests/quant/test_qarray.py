@@ -83,3 +83,15 @@ def test_axis_for_flax_kernels():
   a = quant.fake_quantize(w, "nf4", axis=0)
   b = quant.fake_quantize(w.T, "nf4", axis=1)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b).T)
+
+
+def test_orbax_round_trip(tmp_path):
+  """A QArray saves and restores with Orbax's StandardCheckpointer (None children and float8 leaves included)."""
+  ocp = pytest.importorskip("orbax.checkpoint")
+  q = quant.quantize(data((64, 3)), "nvfp4")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "q", q)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(tmp_path / "q", jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, q))
+  assert isinstance(restored, quant.QArray) and restored.fmt == q.fmt
+  np.testing.assert_array_equal(np.asarray(restored.dequantize()), np.asarray(q.dequantize()))

@@ -6,3 +6,4 @@ from cce_jax.models.loss import lm_loss as lm_loss
 from cce_jax.models.model import Decoder as Decoder
 from cce_jax.models.model import make_model as make_model
 from cce_jax.models.model import param_counts as param_counts
+from cce_jax.models.gguf_loader import load_gguf as load_gguf

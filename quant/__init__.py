@@ -5,8 +5,14 @@ nvfp4, nf4. `quantize(x, fmt, *, axis=0, group_size=None) -> QArray`, `QArray.de
 """
 
 from cce_jax.quant import formats
+from cce_jax.quant import recipes
 from cce_jax.quant.formats import Format, get_format
+from cce_jax.quant.params import dequantize_params, quantize_params, size_report
 from cce_jax.quant.qarray import QArray
 from cce_jax.quant.quantize import fake_quantize, quantize
+from cce_jax.quant.recipes import Rule
 
-__all__ = ["Format", "QArray", "fake_quantize", "formats", "get_format", "quantize"]
+__all__ = [
+    "Format", "QArray", "Rule", "dequantize_params", "fake_quantize", "formats", "get_format", "quantize",
+    "quantize_params", "recipes", "size_report",
+]

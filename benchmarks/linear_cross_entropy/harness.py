@@ -22,14 +22,16 @@ def naive_loss(e, c, targets, softcap):
   return jnp.mean(lse_N - jnp.take_along_axis(logits_NxV, targets[:, None], axis=-1)[:, 0])
 
 
-# The default filtered config with one change: "lowmem" the backward in ~10-13 MiB of temporaries (low_memory),
-# "sparse" always through the tile-skipping kernels (no dense fallback), "sorted" with the vocabulary sorted by
-# mean logit first, "triton" with the Triton forward where Mosaic GPU's would run.
-_FILTERED_VARIANTS = {
-    "pallas_gpu_lowmem": dict(low_memory=True),
-    "pallas_gpu_sparse": dict(dense_backward_above=1.0),
-    "pallas_gpu_sorted": dict(sort_vocabulary=True),
-    "pallas_gpu_triton": dict(forward_kernel="triton"),
+# The default config with one change (and the op's keyword arguments): "lowmem" the filtered backward in ~10-13 MiB
+# of temporaries (low_memory), "sparse" always through the tile-skipping kernels (no dense fallback), "sorted" with
+# the vocabulary sorted by mean logit first, "triton" with the Triton forward where Mosaic GPU's would run,
+# "full_recompute" filter_eps=None through the four-GEMM recomputing backward.
+_CONFIG_VARIANTS = {
+    "pallas_gpu_lowmem": (dict(low_memory=True), {}),
+    "pallas_gpu_sparse": (dict(dense_backward_above=1.0), {}),
+    "pallas_gpu_sorted": (dict(sort_vocabulary=True), {}),
+    "pallas_gpu_triton": (dict(forward_kernel="triton"), {}),
+    "pallas_gpu_full_recompute": (dict(forward_gradient="off"), dict(filter_eps=None)),
 }
 
 
@@ -37,19 +39,15 @@ def loss_fn(method, softcap):
   """The mean loss (e [N, D], c [V, D], targets [N]) -> fp32 scalar of the method named `method`."""
   if method == "naive":
     return lambda e, c, t: naive_loss(e, c, t, softcap)
-  if method in _FILTERED_VARIANTS:
+  if method in _CONFIG_VARIANTS:
+    overrides, kw = _CONFIG_VARIANTS[method]
+
     def variant(e, c, t):
-      cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap, filtered=True)
-      cfg = dataclasses.replace(cfg, **_FILTERED_VARIANTS[method])
-      return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", config=cfg)
+      cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap,
+                                      filtered=kw.get("filter_eps", "auto") is not None)
+      cfg = dataclasses.replace(cfg, **overrides)
+      return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", config=cfg, **kw)
     return variant
-  if method == "pallas_gpu_full_recompute":  # filter_eps=None through the four-GEMM recomputing backward
-    def recompute(e, c, t):
-      cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap)
-      cfg = dataclasses.replace(cfg, forward_gradient="off")
-      return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", filter_eps=None,
-                                  config=cfg)
-    return recompute
   kw = {"reference": dict(implementation="reference"), "xla_chunked": dict(implementation="xla_chunked"),
         "xla_fused": dict(implementation="xla_fused"), "xla_fused_exact": dict(implementation="xla_fused", exact=True),
         "pallas_gpu": dict(implementation="pallas_gpu"),

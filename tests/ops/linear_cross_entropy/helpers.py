@@ -246,3 +246,19 @@ def numpy_token_logprobs_grads(e, c, targets, g_logp, g_entropy, *, bias=None, t
   ds = a * (onehot - p) - b * p * (s - (p * s).sum(-1, keepdims=True))
   dz = ds * dsdz
   return (dz @ c64).reshape(np.shape(e)), dz.T @ e_nd, dz.sum(0)
+
+
+def numpy_pack_codes(d_KxN, splits, per_consumer, levels):
+  """The Mosaic forward's packed row codes (`mosaic_forward.forward_partials`) of d [K 128-wide tiles, N] (nats),
+  from its documented contract: code = how many levels are <= d; 128-tile k = 2 (j T + t) + w of split j, consumer
+  w, slot t goes to byte [j, w, t // 4, row] at bits 2 (t % 4). Returns [splits, 2, ceil(T / 4), N] int8."""
+  k_tiles, n = d_KxN.shape
+  code = (np.asarray(d_KxN)[..., None] >= np.asarray(levels)).sum(-1)
+  packed = np.zeros((splits, 2, -(-per_consumer // 4), n), np.int64)
+  for j in range(splits):
+    for w in range(2):
+      for t in range(per_consumer):
+        k = 2 * (j * per_consumer + t) + w
+        if k < k_tiles:
+          packed[j, w, t // 4] |= code[k] << (2 * (t % 4))
+  return jnp.asarray(packed.astype(np.uint8).view(np.int8))

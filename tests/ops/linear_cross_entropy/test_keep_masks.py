@@ -190,22 +190,6 @@ def test_from_tile_values_bounds_the_needed_tiles(new_block):
   assert (regridded >= _tile_any((p >= EPS) & live[:, None], new_block, bv)).all()
 
 
-def _encode_codes(d_KxN, splits, per_consumer, levels):
-  """The Mosaic forward's packed row codes (`mosaic_forward.forward_partials`), from its documented contract:
-  code = how many levels are <= d; 128-tile k = 2 (j T + t) + w of split j, consumer w, slot t goes to byte
-  [j, w, t // 4, row] at bits 2 (t % 4)."""
-  k_tiles, n = d_KxN.shape
-  code = (d_KxN[..., None] >= np.asarray(levels)).sum(-1)
-  packed = np.zeros((splits, 2, -(-per_consumer // 4), n), np.int64)
-  for j in range(splits):
-    for w in range(2):
-      for t in range(per_consumer):
-        k = 2 * (j * per_consumer + t) + w
-        if k < k_tiles:
-          packed[j, w, t // 4] |= code[k] << (2 * (t % 4))
-  return jnp.asarray(packed.astype(np.uint8).view(np.int8))
-
-
 @pytest.mark.parametrize("bn,bv", [(16, 128), (32, 256), (128, 512)])
 def test_from_codes_bounds_the_needed_tiles(bn, bv):
   """Random row maxima d (nats past the reference and log eps) coded by the NumPy encoder: every (token tile,
@@ -223,7 +207,7 @@ def test_from_codes_bounds_the_needed_tiles(bn, bv):
   reference = np.where(rng.uniform(size=n) < 0.1, np.inf, rng.normal(size=n))
   d[:, np.isinf(reference)] = 5.0  # would be kept if the rows counted
   lse = reference + lse_minus_ref
-  keep = np.asarray(keep_masks.from_codes((_encode_codes(d, splits, per_consumer, levels), per_consumer),
+  keep = np.asarray(keep_masks.from_codes((helpers.numpy_pack_codes(d, splits, per_consumer, levels), per_consumer),
                                           jnp.asarray(lse, jnp.float32), jnp.asarray(reference, jnp.float32),
                                           bn, bv, v))
   live = np.isfinite(reference)

@@ -13,6 +13,7 @@ import pytest
 import cce_jax
 from cce_jax import PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy import keep_masks
+from cce_jax.ops.linear_cross_entropy import mosaic_forward
 from cce_jax.ops.linear_cross_entropy import pallas_gpu
 from cce_jax.ops.linear_cross_entropy import pallas_spec
 from cce_jax.ops.linear_cross_entropy import swept_backward
@@ -125,22 +126,6 @@ def test_triton_keep_mask_bounds_the_needed_tiles():
   assert (keep >= need).all() and need.mean() < keep.mean() < 0.75
 
 
-def _encode_codes(d, splits, per_consumer):
-  """The Mosaic forward's packed codes of d [V tiles of 128, N] (nats), in its layout (numpy)."""
-  from cce_jax.ops.linear_cross_entropy import mosaic_forward as mf
-  v_tiles, n = d.shape
-  code = sum((d >= level).astype(np.int32) for level in mf.CODE_LEVELS)
-  groups = -(-per_consumer // 4)
-  packed = np.zeros((splits, 2, groups, n), np.int32)
-  for j in range(splits):
-    for w in range(2):
-      for t in range(per_consumer):
-        k = 2 * (j * per_consumer + t) + w
-        if k < v_tiles:
-          packed[j, w, t // 4] |= code[k] << (2 * (t % 4))
-  return jnp.asarray(packed.astype(np.uint8).astype(np.int8))
-
-
 @pytest.mark.parametrize("bn,bv", [(16, 128), (64, 256), (256, 128)])
 def test_keep_from_codes_decodes_the_layout(bn, bv):
   """`_keep_from_codes` against a brute-force decode: row r needs 128-tile k iff its code allows d >= lse - ref."""
@@ -151,11 +136,10 @@ def test_keep_from_codes_decodes_the_layout(bn, bv):
   reference = jnp.asarray(np.where(rng.uniform(size=n) < 0.1, np.inf, 1.0))
   d = np.where(np.isinf(np.asarray(reference))[None, :], -np.inf, d)
   lse = reference + lse_minus_ref
-  keep = np.asarray(keep_masks.from_codes((_encode_codes(d, splits, per_consumer), per_consumer), lse,
-                                                reference, bn, bv, v))
-  from cce_jax.ops.linear_cross_entropy import mosaic_forward as mf
-  code = sum((d >= level).astype(np.int32) for level in mf.CODE_LEVELS)
-  upper = np.asarray(mf.CODE_UPPER)[code]
+  codes = helpers.numpy_pack_codes(d, splits, per_consumer, mosaic_forward.CODE_LEVELS)
+  keep = np.asarray(keep_masks.from_codes((codes, per_consumer), lse, reference, bn, bv, v))
+  code = sum((d >= level).astype(np.int32) for level in mosaic_forward.CODE_LEVELS)
+  upper = np.asarray(mosaic_forward.CODE_UPPER)[code]
   row_need = np.isfinite(np.asarray(reference))[None, :] & (upper + 1e-3 >= np.asarray(lse - reference)[None, :])
   nt, vt = -(-n // bn), -(-v // bv)
   row_need = np.pad(row_need, ((0, vt * bv // 128 - 20), (0, nt * bn - n)))

@@ -2,6 +2,7 @@
 
 Formats (`cce_jax.quant.formats`): int8/int4/int3/int2, uint8/uint4/uint3, fp8_e4m3/fp8_e5m2, mxfp8/mxfp6/mxfp4,
 nvfp4, nf4. `quantize(x, fmt, *, axis=0, group_size=None) -> QArray`, `QArray.dequantize()`, `fake_quantize`.
+`evaluate(model_fp, model_q, tokens)`: perplexity, KL divergence, top-1 agreement, Δp (docs/quantization.md).
 """
 
 from cce_jax.quant import formats
@@ -16,3 +17,8 @@ __all__ = [
     "Format", "QArray", "Rule", "dequantize_params", "fake_quantize", "formats", "get_format", "quantize",
     "quantize_params", "recipes", "size_report",
 ]
+
+# The evaluation harness (quant/evaluate.py); the name `evaluate` is the function, not the module.
+from cce_jax.quant.evaluate import Baseline, baseline, evaluate  # pylint: disable=g-import-not-at-top
+
+__all__ += ["Baseline", "baseline", "evaluate"]

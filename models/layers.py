@@ -1,4 +1,8 @@
-"""The decoder's building blocks (Flax NNX). Activations are [B, T, ...]; names carry their shapes."""
+"""The decoder's building blocks (Flax NNX). Activations are [B, T, ...]; names carry their shapes.
+
+Every parameter is read through `cce_jax.quant.dot` (`read` / `einsum`), so a Param may hold a plain array or a
+`QArray` (dequantized on the fly, or a native W8A8 dot when the Param is marked so; `quant.quantize_model`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cce_jax.models.config import Config
+from cce_jax.quant import dot
 
 
 def _normal(std):
@@ -26,7 +31,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x_BxTxD):
     x = x_BxTxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+    return (x * dot.read(self.scale, jnp.float32)).astype(self.dtype)
 
 
 def rope(x_BxTxHxK, positions_BxT, theta):
@@ -56,13 +61,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD, positions_BxT):
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...].astype(dt))
-    k_BxTxGxK = jnp.einsum("btd,dgk->btgk", x_BxTxD, self.wk[...].astype(dt))
-    v_BxTxGxK = jnp.einsum("btd,dgk->btgk", x_BxTxD, self.wv[...].astype(dt))
+    q_BxTxHxK = dot.einsum("btd,dhk->bthk", x_BxTxD, self.wq, dtype=dt)
+    k_BxTxGxK = dot.einsum("btd,dgk->btgk", x_BxTxD, self.wk, dtype=dt)
+    v_BxTxGxK = dot.einsum("btd,dgk->btgk", x_BxTxD, self.wv, dtype=dt)
     q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, cfg.rope_theta)
     k_BxTxGxK = rope(k_BxTxGxK, positions_BxT, cfg.rope_theta)
     o_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, is_causal=True)
-    return jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo[...].astype(dt))
+    return dot.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo, dtype=dt)
 
 
 class MLP(nnx.Module):
@@ -77,8 +82,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BxTxD):
     dt = self.dtype
-    h_BxTxF = jax.nn.silu(x_BxTxD @ self.w1[...].astype(dt)) * (x_BxTxD @ self.w3[...].astype(dt))
-    return h_BxTxF @ self.w2[...].astype(dt)
+    gate_BxTxF = dot.einsum("btd,df->btf", x_BxTxD, self.w1, dtype=dt)
+    h_BxTxF = jax.nn.silu(gate_BxTxF) * dot.einsum("btd,df->btf", x_BxTxD, self.w3, dtype=dt)
+    return dot.einsum("btf,fd->btd", h_BxTxF, self.w2, dtype=dt)
 
 
 class Block(nnx.Module):

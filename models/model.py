@@ -9,6 +9,7 @@ from flax import nnx
 from cce_jax.models.config import Config
 from cce_jax.models.layers import Block
 from cce_jax.models.layers import RMSNorm
+from cce_jax.quant import dot
 
 
 class Decoder(nnx.Module):
@@ -41,7 +42,7 @@ class Decoder(nnx.Module):
 
   def embed_tokens(self, tokens_BxT):
     """The input embeddings [B, T, D] in the compute dtype."""
-    return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+    return jnp.take(dot.read(self.embed), tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
 
   def apply_blocks(self, x_BxTxD, positions_BxT=None):
     """The transformer blocks and the final norm on input embeddings [B, T, D] (positions default to 0..T-1)."""
@@ -57,8 +58,7 @@ class Decoder(nnx.Module):
 
   def classifier(self):
     """c [V, D] in the compute dtype (the embedding when tied)."""
-    table = self.embed[...] if self.cfg.tie_embeddings else self.head[...]
-    return table.astype(self.cfg.compute_dtype)
+    return dot.read(self.embed if self.cfg.tie_embeddings else self.head, self.cfg.compute_dtype)
 
 
 def param_counts(model: Decoder) -> dict[str, int]:

@@ -12,10 +12,13 @@ from cce_jax.quant.params import dequantize_params, quantize_params, size_report
 from cce_jax.quant.qarray import QArray
 from cce_jax.quant.quantize import fake_quantize, quantize
 from cce_jax.quant.recipes import Rule
+from cce_jax.quant import dot
+from cce_jax.quant.apply import model_size_report, quantize_model
 
 __all__ = [
     "Format", "QArray", "Rule", "dequantize_params", "fake_quantize", "formats", "get_format", "quantize",
     "quantize_params", "recipes", "size_report",
+    "dot", "model_size_report", "quantize_model",
 ]
 
 # The evaluation harness (quant/evaluate.py); the name `evaluate` is the function, not the module.

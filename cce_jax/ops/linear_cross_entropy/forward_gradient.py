@@ -184,10 +184,12 @@ def _loss_fwd(spec, e_NxD, c_VxD, targets_N, coef_N):
   def recomputed():  # an overflow of exp(s - ref): the recomputing path's loss and gradients
     (loss_N, vjp) = jax.vjp(lambda e, c: _token_losses(spec, e, c, targets_N, coef_N), e_NxD, c_VxD)
     de, dc = vjp(coef_N.astype(loss_N.dtype))
-    return loss_N, de, dc, jnp.bool_(True)
+    return manual_axes.vary((loss_N, de, dc), names)
 
+  # Under shard_map both branches' outputs must carry the same manual axes (`finite` varies with the tokens).
+  names = manual_axes.axes(e_NxD, c_VxD, targets_N, coef_N)
   loss_N, de, dc, finite = formed()
-  loss_N, de, dc, _ = lax.cond(finite, lambda: (loss_N, de, dc, finite), recomputed)
+  loss_N, de, dc = lax.cond(finite, lambda: manual_axes.vary((loss_N, de, dc), names), recomputed)
   loss = jnp.sum(coef_N.astype(loss_N.dtype) * loss_N)
   return loss, (loss_N.astype(coef_N.dtype), de, dc)
 

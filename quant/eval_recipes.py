@@ -1,0 +1,161 @@
+"""Named recipes on one model: quantize, evaluate against the full-precision model, write the results.
+
+`compare(model, tokens, recipes, seq_len=...)` computes the full-precision `Baseline` once, then for each recipe
+runs `quantize_params` → `dequantize_params` → `evaluate` (the quantized model computes with the dequantized
+weights: the same forward as on-the-fly dequantization) and returns one row per recipe, the baseline first:
+
+  recipe, perplexity, perplexity_change (relative to the baseline), kl (mean KL(P ‖ Q), nats/token), kl_median,
+  kl_p99, kl_max, top1_agreement, delta_p_rms, bits_per_weight (storage bits per element of the quantized
+  kernels: codes, scales, zero points), bits_per_weight_all (of every parameter, the full-precision embeddings,
+  norms and head included), param_bytes, tokens, seconds (quantize + evaluate; the baseline's own forward pass).
+
+`write(out, rows, meta)` writes out/results.json ({"meta", "rows"}), out/results.md (a table) and
+out/perplexity_vs_bits.png (needs matplotlib, the `plots` extra; skipped with a warning without it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from cce_jax.quant import params as params_lib
+from cce_jax.quant import recipes as recipes_lib
+from cce_jax.quant.evaluate import baseline as make_baseline
+from cce_jax.quant.evaluate import evaluate
+
+BASELINE = "fp (baseline)"
+
+
+def resolve(names: str | list[str]) -> list[str]:
+  """"all" or comma-separated names (or a list) as known recipe names; ValueError naming an unknown one."""
+  if isinstance(names, str):
+    names = list(recipes_lib.names()) if names.strip() == "all" else [n.strip() for n in names.split(",")]
+  names = [n for n in names if n]
+  if not names:
+    raise ValueError("no recipe given (names, comma-separated, or 'all')")
+  unknown = [n for n in names if n not in recipes_lib.names()]
+  if unknown:
+    raise ValueError(f"unknown recipe {unknown[0]!r}; known: {', '.join(recipes_lib.names())} (or 'all')")
+  return names
+
+
+def _with_params(model, params):
+  graphdef, state = nnx.split(model)
+  copy = nnx.merge(graphdef, state)
+  nnx.update(copy, params)
+  return copy
+
+
+def _quantized_bits(report) -> float:
+  rows = [r for r in report["params"].values() if r["format"] is not None]
+  elements = sum(math.prod(r["shape"]) for r in rows)
+  return sum(r["after_bits"] for r in rows) / elements if elements else float("nan")
+
+
+def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_size: int = 8,
+            chunk_tokens: int = 256, on_row: Callable[[int, int, dict], None] | None = None,
+            on_batch: Callable[[str, dict], None] | None = None) -> list[dict]:
+  """Rows (module docstring) for the baseline and each recipe in `recipe_names`, on `tokens` (as `evaluate`).
+
+  on_row(i, n, row) is called after each row (i = 0 for the baseline); on_batch(recipe, progress) after each batch.
+  """
+  names = resolve(recipe_names)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  base = make_baseline(model, tokens, seq_len=seq_len, batch_size=batch_size)
+  n_tokens = int(base.windows.shape[0] * (base.windows.shape[1] - 1))
+  nll = -np.concatenate([np.asarray(lp).reshape(-1) for lp in base.logprobs]).astype(np.float64)
+  bits = sum(x.size * x.dtype.itemsize * 8 for x in jax.tree.leaves(params))
+  elements = sum(x.size for x in jax.tree.leaves(params))
+  ppl_fp = math.exp(nll.mean())
+  rows = [{"recipe": BASELINE, "perplexity": ppl_fp, "perplexity_change": 0.0, "kl": 0.0, "kl_median": 0.0,
+           "kl_p99": 0.0, "kl_max": 0.0, "top1_agreement": 1.0, "delta_p_rms": 0.0,
+           "bits_per_weight": bits / elements, "bits_per_weight_all": bits / elements, "param_bytes": bits / 8,
+           "tokens": n_tokens, "seconds": base.seconds}]
+  if on_row:
+    on_row(0, len(names), rows[0])
+  for i, name in enumerate(names, 1):
+    t0 = time.perf_counter()
+    qparams = params_lib.quantize_params(params, name)
+    report = params_lib.size_report(params, qparams)
+    model_q = _with_params(model, params_lib.dequantize_params(qparams))
+    res = evaluate(base, model_q, base.windows, chunk_tokens=chunk_tokens,
+                   progress=None if on_batch is None else (lambda p, name=name: on_batch(name, p)))
+    rows.append({"recipe": name, "perplexity": res["perplexity_q"], "perplexity_change": res["perplexity_change"],
+                 "kl": res["kl_mean"], "kl_median": res["kl_median"], "kl_p99": res["kl_p99"],
+                 "kl_max": res["kl_max"], "top1_agreement": res["top1_agreement"],
+                 "delta_p_rms": res["delta_p_rms"], "bits_per_weight": _quantized_bits(report),
+                 "bits_per_weight_all": report["total"]["bits_per_weight"],
+                 "param_bytes": report["total"]["after_bytes"], "tokens": res["tokens"],
+                 "seconds": time.perf_counter() - t0})
+    if on_row:
+      on_row(i, len(names), rows[-1])
+  return rows
+
+
+def progress_line(i: int, n: int, row: dict) -> str:
+  """One line per row: "[2/7] int4_g128: ppl 12.345 (+1.23%) KL 0.01234 top-1 97.1% 4.25 bits/weight 12.3 s"."""
+  return (f"[{i}/{n}] {row['recipe']}: ppl {row['perplexity']:.4f} ({100 * row['perplexity_change']:+.2f}%) "
+          f"KL {row['kl']:.5f} top-1 {100 * row['top1_agreement']:.2f}% {row['bits_per_weight']:.2f} bits/weight "
+          f"{row['seconds']:.1f} s")
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+  """results.md: what was measured, then the table."""
+  head = [f"# Quantization (round to nearest): {meta.get('model', '')}", ""]
+  head += [f"- {k}: {v}" for k, v in meta.items() if k != "model"]
+  head += ["", "| recipe | bits/weight (quantized) | bits/weight (all) | perplexity | Δ perplexity | KL mean | "
+           "KL median | KL p99 | top-1 agreement | RMS Δp | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    head.append(f"| {r['recipe']} | {r['bits_per_weight']:.3f} | {r['bits_per_weight_all']:.3f} | "
+                f"{r['perplexity']:.4f} | {100 * r['perplexity_change']:+.3f}% | {r['kl']:.6f} | "
+                f"{r['kl_median']:.6f} | {r['kl_p99']:.5f} | {100 * r['top1_agreement']:.2f}% | "
+                f"{100 * r['delta_p_rms']:.3f}% | {r['seconds']:.1f} |")
+  return "\n".join(head) + "\n"
+
+
+def plot(rows: list[dict], path: str, title: str) -> bool:
+  """Perplexity against bits per weight of the quantized kernels; False (and a warning) without matplotlib."""
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    logging.warning("matplotlib is not installed (pip install 'cce_jax[plots]'): no plot written")
+    return False
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  base = rows[0]
+  ax.axhline(base["perplexity"], color="gray", ls="--", lw=1, label=f"{base['recipe']}: {base['perplexity']:.3f}")
+  for r in rows[1:]:
+    ax.scatter(r["bits_per_weight"], r["perplexity"], s=25)
+    ax.annotate(r["recipe"], (r["bits_per_weight"], r["perplexity"]), textcoords="offset points", xytext=(4, 4),
+                fontsize=8)
+  ax.set_xlabel("bits per weight (quantized kernels, scales included)")
+  ax.set_ylabel("perplexity (held-out tokens)")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def write(out: str, rows: list[dict], meta: dict) -> list[str]:
+  """Writes results.json, results.md and (with matplotlib) perplexity_vs_bits.png into `out`; returns the paths."""
+  os.makedirs(out, exist_ok=True)
+  paths = [os.path.join(out, "results.json"), os.path.join(out, "results.md")]
+  with open(paths[0], "w", encoding="utf-8") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  with open(paths[1], "w", encoding="utf-8") as f:
+    f.write(markdown(rows, meta))
+  png = os.path.join(out, "perplexity_vs_bits.png")
+  if plot(rows, png, str(meta.get("model", ""))):
+    paths.append(png)
+  return paths

@@ -3,6 +3,7 @@
 from cce_jax.ops.linear_cross_entropy import linear_cross_entropy as linear_cross_entropy
 from cce_jax.ops.linear_cross_entropy import token_logprobs as token_logprobs
 from cce_jax.ops.linear_cross_entropy import PallasGpuConfig as PallasGpuConfig
+from cce_jax.ops.linear_cross_entropy import PallasTpuConfig as PallasTpuConfig
 from cce_jax.ops.linear_cross_entropy import XlaChunkedConfig as XlaChunkedConfig
 from cce_jax.ops.linear_cross_entropy import sharded as sharded
 

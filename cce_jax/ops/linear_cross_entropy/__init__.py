@@ -4,3 +4,4 @@ from cce_jax.ops.linear_cross_entropy.api import linear_cross_entropy as linear_
 from cce_jax.ops.linear_cross_entropy.api import token_logprobs as token_logprobs
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig as PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig as XlaChunkedConfig
+from cce_jax.ops.linear_cross_entropy.tpu_config import PallasTpuConfig as PallasTpuConfig

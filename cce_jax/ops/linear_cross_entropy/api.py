@@ -8,6 +8,7 @@ from typing import Literal
 from cce_jax.ops.linear_cross_entropy import dispatch
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
+from cce_jax.ops.linear_cross_entropy.tpu_config import PallasTpuConfig
 from cce_jax.typing import Array, Float, Int
 
 
@@ -28,7 +29,7 @@ def linear_cross_entropy(
     filter_eps: float | Literal["auto"] | None = "auto",
     exact: bool = False,
     implementation: str | None = "auto",
-    config: XlaChunkedConfig | PallasGpuConfig | None = None,
+    config: XlaChunkedConfig | PallasGpuConfig | PallasTpuConfig | None = None,
     interpret: bool = False,
 ):
   """Cross-entropy of softmax(e @ c.T + bias) against integer targets, without materialising the logits.
@@ -86,10 +87,13 @@ def linear_cross_entropy(
       (Triton kernels), "xla_chunked" (blockwise XLA, any platform), "xla_fused" (XLA over row blocks of
       logits with the gradient formed in the forward pass: three GEMMs instead of four, an fp32 [V, D]
       accumulator, no filtering; reduction "mean"/"sum" only, no return_lse), "reference" (materialised logits,
-      for tests), "pallas_tpu" (not available yet).
+      for tests), "pallas_tpu" (Mosaic TPU kernels: every option, per-tile filtering in the backward; "auto"
+      picks it on TPUs; not yet measured on a TPU).
     config: tile sizes: an `XlaChunkedConfig` for "xla_chunked" and "xla_fused" (rows per block: block_n), a
-      `PallasGpuConfig` for "pallas_gpu" (default: the config class's `for_shape`).
-    interpret: run Pallas kernels in the interpreter (CPU testing of the Pallas implementations).
+      `PallasGpuConfig` for "pallas_gpu", a `PallasTpuConfig` for "pallas_tpu" (default: the config class's
+      `for_shape`).
+    interpret: run Pallas kernels in the interpreter (CPU testing of the Pallas implementations; "pallas_tpu" runs
+      in the TPU interpreter).
 
   Returns:
     The loss (fp32 scalar, or [*B] for reduction="none"), and the LSE [*B] when `return_lse`.
@@ -113,7 +117,7 @@ def token_logprobs(
     return_entropy: bool = False,
     exact: bool = False,
     implementation: str | None = "auto",
-    config: XlaChunkedConfig | PallasGpuConfig | None = None,
+    config: XlaChunkedConfig | PallasGpuConfig | PallasTpuConfig | None = None,
     interpret: bool = False,
 ):
   """Per-token log p(target) (and entropy) under softmax(f(e @ c.T + bias) / temperature), without the logits.

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from cce_jax.ops.linear_cross_entropy import forward_gradient
 from cce_jax.ops.linear_cross_entropy import manual_axes
 from cce_jax.ops.linear_cross_entropy import pallas_gpu
+from cce_jax.ops.linear_cross_entropy import pallas_tpu
 from cce_jax.ops.linear_cross_entropy import reference
 from cce_jax.ops.linear_cross_entropy import stats_losses
 from cce_jax.ops.linear_cross_entropy import validation
@@ -25,6 +26,7 @@ from cce_jax.ops.linear_cross_entropy import xla_chunked
 from cce_jax.ops.linear_cross_entropy import xla_fused
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
+from cce_jax.ops.linear_cross_entropy.tpu_config import PallasTpuConfig
 
 # Triton's dot needs every tile dimension >= 16; "auto" leaves smaller problems to XLA.
 _PALLAS_GPU_MIN_DIM = 16
@@ -194,6 +196,8 @@ def _backend(name, requested, config, interpret, e_shape, c_shape, softcap, filt
   if name == "pallas_gpu":
     config = (config or PallasGpuConfig.for_shape(n, v, d, softcap=softcap, filtered=filtered)).clamped(n, v, d)
     return pallas_gpu, {"config": config, "interpret": interpret}
+  if name == "pallas_tpu":
+    return pallas_tpu, {"config": config or PallasTpuConfig.for_shape(n, v, d), "interpret": interpret}
   return reference, {}
 
 
@@ -201,8 +205,9 @@ def _split_kwargs(split, backend, config, with_vocab_size=False):
   """The backend's keyword arguments for a vocabulary split: merge the per-shard statistics over its axes."""
   if split is None:
     return {}
-  if backend not in (xla_chunked, pallas_gpu):
-    raise ValueError("a vocabulary split needs a blockwise implementation ('xla_chunked' or 'pallas_gpu'); "
+  if backend not in (xla_chunked, pallas_gpu, pallas_tpu):
+    raise ValueError("a vocabulary split needs a blockwise implementation ('xla_chunked', 'pallas_gpu' or "
+                     "'pallas_tpu'); "
                      f"got {backend.__name__.rsplit('.', 1)[-1]!r}")
   if getattr(config, "low_memory", False):
     raise ValueError("PallasGpuConfig(low_memory=True) does not take a vocabulary split: its keep mask drops the "

@@ -9,6 +9,7 @@ import numpy as np
 
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
 from cce_jax.ops.linear_cross_entropy.config import XlaChunkedConfig
+from cce_jax.ops.linear_cross_entropy.tpu_config import PallasTpuConfig
 
 IMPLEMENTATIONS = ("auto", "pallas_gpu", "pallas_tpu", "xla_chunked", "xla_fused", "reference")
 REDUCTIONS = ("mean", "sum", "none")
@@ -77,7 +78,7 @@ def check_arrays(e, c, targets, bias=None, weights=None):
 def resolve_implementation(implementation, interpret, config, *, platform):
   """The backend name that runs, after checking the switch and its companions.
 
-  "auto" picks "pallas_gpu" on NVIDIA GPUs and when `interpret=True`, else "xla_chunked".
+  "auto" picks "pallas_gpu" on NVIDIA GPUs and when `interpret=True`, "pallas_tpu" on TPUs, else "xla_chunked".
   """
   if implementation is None:
     implementation = "auto"
@@ -85,20 +86,23 @@ def resolve_implementation(implementation, interpret, config, *, platform):
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   if not isinstance(interpret, bool):
     raise TypeError(f"interpret must be a bool, got {interpret!r}")
-  if implementation == "pallas_tpu":
-    raise NotImplementedError("implementation='pallas_tpu' is not available yet; use 'xla_chunked' or 'auto'")
   if implementation == "auto":
-    chosen = "pallas_gpu" if interpret or platform == "gpu" else "xla_chunked"
+    chosen = "pallas_gpu" if interpret or platform == "gpu" else "pallas_tpu" if platform == "tpu" else "xla_chunked"
   else:
     chosen = implementation
-  if interpret and chosen != "pallas_gpu":
+  if interpret and chosen not in ("pallas_gpu", "pallas_tpu"):
     raise ValueError(f"interpret=True applies to Pallas implementations only, not {implementation!r}")
   if chosen == "pallas_gpu" and not interpret and platform != "gpu":
     raise ValueError(
         f"implementation='pallas_gpu' needs an NVIDIA GPU (the default backend is {platform!r}); pass "
         "interpret=True to run the kernels in the Pallas interpreter")
+  if chosen == "pallas_tpu" and not interpret and platform != "tpu":
+    raise ValueError(
+        f"implementation='pallas_tpu' needs a TPU (the default backend is {platform!r}); pass interpret=True to "
+        "run the kernels in the TPU interpreter")
   if config is not None:
-    wanted = {"xla_chunked": XlaChunkedConfig, "xla_fused": XlaChunkedConfig, "pallas_gpu": PallasGpuConfig}.get(chosen)
+    wanted = {"xla_chunked": XlaChunkedConfig, "xla_fused": XlaChunkedConfig, "pallas_gpu": PallasGpuConfig,
+              "pallas_tpu": PallasTpuConfig}.get(chosen)
     if wanted is None or not isinstance(config, wanted):
       raise TypeError(
           f"config must be {wanted.__name__ if wanted else 'None'} for implementation {chosen!r}, got "

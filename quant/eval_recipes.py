@@ -9,6 +9,12 @@ weights: the same forward as on-the-fly dequantization) and returns one row per 
   kernels: codes, scales, zero points), bits_per_weight_all (of every parameter, the full-precision embeddings,
   norms and head included), param_bytes, tokens, seconds (quantize + evaluate; the baseline's own forward pass).
 
+Group sizes that do not divide an axis. A recipe's int group size g (int4_g128, uint4_g128) must divide the
+contraction axis; SmolLM2-135M's width 576 is not a multiple of 128. `fitted_rules` then quantizes that parameter
+with the largest divisor of the axis below g (576: 96) through a rule of its own in front of the recipe, and the
+row's "notes" say so. llama.cpp does the like: tensors whose rows are not a multiple of its 256-element K-quant
+blocks fall back to another block type.
+
 `write(out, rows, meta)` writes out/results.json ({"meta", "rows"}), out/results.md (a table) and
 out/perplexity_vs_bits.png (needs matplotlib, the `plots` extra; skipped with a warning without it).
 """
@@ -19,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -60,6 +67,33 @@ def _quantized_bits(report) -> float:
   return sum(r["after_bits"] for r in rows) / elements if elements else float("nan")
 
 
+def _largest_divisor(n: int, at_most: int) -> int:
+  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def fitted_rules(params, name: str) -> tuple[tuple, list[str]]:
+  """The named recipe's rules, and in front of them one rule per parameter whose int group size does not divide its
+  contraction axis (module docstring); also the notes, one per (pattern, axis size, new group)."""
+  rules = recipes_lib.get(name)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  extra, notes = [], {}
+  for path, x in leaves:
+    path = params_lib.path_str(path)
+    rule = next((r for r in rules if r.matches(path)), None)
+    if rule is None or rule.format is None or not isinstance(rule.group_size, int):
+      continue
+    if not -x.ndim <= rule.axis < x.ndim:
+      continue  # quantize_params names the parameter
+    n = x.shape[rule.axis]
+    if (rule.clip_group and rule.group_size >= n) or n % rule.group_size == 0:
+      continue
+    g = _largest_divisor(n, rule.group_size)
+    extra.append(recipes_lib.Rule(re.escape(path), rule.format, axis=rule.axis, group_size=g))
+    notes[(rule.pattern, n, g)] = (f"{rule.pattern} (axis of {n}): groups of {g}, since {rule.group_size} does not "
+                                   f"divide {n}")
+  return tuple(extra) + rules, list(notes.values())
+
+
 def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_size: int = 8,
             chunk_tokens: int = 256, on_row: Callable[[int, int, dict], None] | None = None,
             on_batch: Callable[[str, dict], None] | None = None) -> list[dict]:
@@ -78,12 +112,13 @@ def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_si
   rows = [{"recipe": BASELINE, "perplexity": ppl_fp, "perplexity_change": 0.0, "kl": 0.0, "kl_median": 0.0,
            "kl_p99": 0.0, "kl_max": 0.0, "top1_agreement": 1.0, "delta_p_rms": 0.0,
            "bits_per_weight": bits / elements, "bits_per_weight_all": bits / elements, "param_bytes": bits / 8,
-           "tokens": n_tokens, "seconds": base.seconds}]
+           "tokens": n_tokens, "seconds": base.seconds, "notes": []}]
   if on_row:
     on_row(0, len(names), rows[0])
   for i, name in enumerate(names, 1):
     t0 = time.perf_counter()
-    qparams = params_lib.quantize_params(params, name)
+    rules, notes = fitted_rules(params, name)
+    qparams = params_lib.quantize_params(params, rules)
     report = params_lib.size_report(params, qparams)
     model_q = _with_params(model, params_lib.dequantize_params(qparams))
     res = evaluate(base, model_q, base.windows, chunk_tokens=chunk_tokens,
@@ -94,7 +129,7 @@ def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_si
                  "delta_p_rms": res["delta_p_rms"], "bits_per_weight": _quantized_bits(report),
                  "bits_per_weight_all": report["total"]["bits_per_weight"],
                  "param_bytes": report["total"]["after_bytes"], "tokens": res["tokens"],
-                 "seconds": time.perf_counter() - t0})
+                 "seconds": time.perf_counter() - t0, "notes": notes})
     if on_row:
       on_row(i, len(names), rows[-1])
   return rows
@@ -112,13 +147,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
   head = [f"# Quantization (round to nearest): {meta.get('model', '')}", ""]
   head += [f"- {k}: {v}" for k, v in meta.items() if k != "model"]
   head += ["", "| recipe | bits/weight (quantized) | bits/weight (all) | perplexity | Δ perplexity | KL mean | "
-           "KL median | KL p99 | top-1 agreement | RMS Δp | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "KL median | KL p99 | top-1 agreement | RMS Δp | seconds |", "|---" * 11 + "|"]
   for r in rows:
     head.append(f"| {r['recipe']} | {r['bits_per_weight']:.3f} | {r['bits_per_weight_all']:.3f} | "
                 f"{r['perplexity']:.4f} | {100 * r['perplexity_change']:+.3f}% | {r['kl']:.6f} | "
                 f"{r['kl_median']:.6f} | {r['kl_p99']:.5f} | {100 * r['top1_agreement']:.2f}% | "
                 f"{100 * r['delta_p_rms']:.3f}% | {r['seconds']:.1f} |")
-  return "\n".join(head) + "\n"
+  notes = [f"- {r['recipe']}: {n}" for r in rows for n in r.get("notes", [])]
+  return "\n".join(head + ([""] + notes if notes else [])) + "\n"
 
 
 def plot(rows: list[dict], path: str, title: str) -> bool:

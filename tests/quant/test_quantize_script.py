@@ -9,10 +9,13 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from cce_jax import quant
 from cce_jax.quant import eval_recipes
 from cce_jax.quant import eval_sources
+from cce_jax.quant import recipes
 from cce_jax.training import config as config_lib
 from cce_jax.training import trainer
 
@@ -21,13 +24,24 @@ SCRIPT = ROOT / "experiments" / "quantize.py"
 FIELDS = {"recipe", "perplexity", "kl", "top1_agreement", "bits_per_weight", "seconds"}
 
 
+def _write_corpus(folder, files=60, words=300):
+  """Text files of words drawn from a small word list (a Zipf-like law): a corpus the tokenizer learns in ms."""
+  rng = np.random.default_rng(0)
+  vocab = ["".join(rng.choice(list("etaoinshrdlucmfw"), rng.integers(2, 8))) for _ in range(200)]
+  p = 1 / np.arange(1, 201)
+  folder.mkdir()
+  for i in range(files):
+    (folder / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(vocab, words, p=p / p.sum())) + "\n")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """A tiny run (D=128, L=1, V=320, 8 steps) on 100 kB of the standard library: seconds on CPU."""
+  """A tiny run (D=128, L=1, V=320, 8 steps) on a small generated corpus: seconds on CPU."""
   tmp = tmp_path_factory.mktemp("run")
+  _write_corpus(tmp / "corpus")
   cfg = config_lib.base_config()
-  cfg.update(dict(data_cache=str(tmp / "cache"), max_bytes=100_000, vocab_size=320, seq_len=32, batch_size=8,
-                  steps=8, checkpoint_every=8, eval_every=0, plot=False))
+  cfg.update(dict(data=str(tmp / "corpus" / "*.txt"), data_cache=str(tmp / "cache"), val_fraction=0.1,
+                  vocab_size=320, seq_len=32, batch_size=8, steps=8, checkpoint_every=8, eval_every=0, plot=False))
   cfg.model.update(D=128, H=2, KV=1, L=1, F=128, dtype="float32")
   cfg.optim.update(warmup_steps=2)
   trainer.train(cfg, str(tmp / "run"))
@@ -73,3 +87,21 @@ def test_usage_errors_are_one_line(tmp_path):
   with pytest.raises(ValueError, match="no recipe"):
     eval_recipes.resolve(" , ")
   assert eval_recipes.resolve("all") == ["int8", "int4_g128", "uint4_g128", "fp8_e4m3", "mxfp4", "nvfp4", "nf4"]
+
+
+def test_group_size_that_does_not_divide_falls_back_to_a_divisor():
+  w = lambda *shape: np.ones(shape, np.float32)  # pylint: disable=unnecessary-lambda-assignment
+  params = {"blocks": {"0": {"attn": {"wq": w(576, 3, 64), "wk": w(576, 1, 64), "wv": w(576, 1, 64),
+                                      "wo": w(3, 64, 576)},
+                             "mlp": {"w1": w(576, 256), "w3": w(576, 256), "w2": w(256, 576)}}}}
+  rules, notes = eval_recipes.fitted_rules(params, "int4_g128")
+  q = quant.quantize_params(params, rules)["blocks"]["0"]
+  assert q["attn"]["wq"].group_size == 96 and q["mlp"]["w1"].group_size == 96  # 576 = 6 · 96
+  assert q["mlp"]["w2"].group_size == 128 and q["attn"]["wo"].group_size == "channel"  # 256; wo clipped to 64
+  assert len(notes) == 2 and all("groups of 96, since 128 does not divide 576" in n for n in notes)
+  assert eval_recipes.fitted_rules(params, "nf4") == (recipes.get("nf4"), [])
+  row = {"recipe": "int4_g128", "perplexity": 2.0, "perplexity_change": 0.01, "kl": 0.1, "kl_median": 0.1,
+         "kl_p99": 0.2, "kl_max": 0.3, "top1_agreement": 0.9, "delta_p_rms": 0.01, "bits_per_weight": 4.3,
+         "bits_per_weight_all": 9.0, "seconds": 1.0, "notes": notes}
+  md = eval_recipes.markdown([row], {"model": "m"})
+  assert md.count("| int4_g128 | 4.300 |") == 1 and "- int4_g128: blocks/" in md

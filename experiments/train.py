@@ -13,7 +13,9 @@ Several processes (hosts) train one run through JAX's multi-controller runtime: 
 process with --distributed (cluster environments such as SLURM, TPU VMs or Kubernetes with a coordinator are
 detected by `jax.distributed.initialize`) or with --coordinator_address=HOST:PORT --num_processes=P
 --process_id=I. The mesh then spans every process's devices, each process feeds its rows of the global batch, and
-process 0 writes the metrics; --workdir must be the same shared directory for all.
+process 0 writes the metrics; --workdir must be the same shared directory for all. With --distributed,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment give the process count and id where no cluster provides
+them (launch/launch.py sets them: its local target, Kubernetes); docs/launch.md.
 """
 
 from __future__ import annotations
@@ -96,6 +98,15 @@ class _QuietOrbax(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
 
 
+def _environment_int(name):
+  value = os.environ.get(name)
+  if value is None:
+    return None
+  if not value.strip().isdigit():
+    _fail(f"the environment variable {name}={value!r} is not a non-negative integer")
+  return int(value)
+
+
 def _initialize_distributed():
   explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if not _DISTRIBUTED.value and all(v is None for v in explicit):
@@ -105,7 +116,10 @@ def _initialize_distributed():
   # CPU processes need a collectives library for cross-process reductions (GPUs and TPUs bring their own).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if explicit[0] is None:
-    jax.distributed.initialize()
+    # Cluster auto-detection fills in what is None. launch/'s local target and Kubernetes JobSet set the count and
+    # the id in the environment (jax itself reads only JAX_COORDINATOR_ADDRESS there).
+    jax.distributed.initialize(num_processes=_environment_int("JAX_NUM_PROCESSES"),
+                               process_id=_environment_int("JAX_PROCESS_ID"))
   else:
     jax.distributed.initialize(coordinator_address=explicit[0], num_processes=explicit[1], process_id=explicit[2])
 
@@ -113,6 +127,9 @@ def _initialize_distributed():
 def main(argv):
   del argv
   _configure_logging()
+  if "://" in _WORKDIR.value:
+    _fail(f"--workdir={_WORKDIR.value}: URLs are not supported; give a path that every process can reach (a shared "
+          "file system, or a bucket mounted with gcsfuse)")
   try:
     validate_lib.validate(_CONFIG.value)
     _initialize_distributed()

@@ -19,7 +19,7 @@ from cce_jax.quant import dot
 from cce_jax.quant import recipes
 from tests.quant import numpy_reference as ref
 
-CFG = Config(V=64, D=128, H=4, KV=2, L=2, F=256, T=16, dtype="float32")
+CFG = Config(V=64, D=128, H=4, KV=2, L=1, F=256, T=16, dtype="float32")  # D: a multiple of 128 (g128)
 NUMPY_FP8 = {"int8": None, "fp8_e4m3": "e4m3"}
 
 
@@ -30,7 +30,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tokens():
-  return jax.random.randint(jax.random.key(1), (2, 12), 0, CFG.V)
+  return jax.random.randint(jax.random.key(1), (2, 8), 0, CFG.V)
 
 
 def _logits(m, tokens):
@@ -127,7 +127,7 @@ def test_native_dots_model_close_and_jittable(model, tokens):
   expected = _logits(model, tokens)
   for fmt in ("int8", "fp8_e4m3"):
     qmodel = quant.quantize_model(model, fmt, native_dots=True)
-    assert qmodel.blocks[1].mlp.w2.get_metadata()["native_dot"] and dot.is_native(qmodel.blocks[1].mlp.w2)
+    assert qmodel.blocks[0].mlp.w2.get_metadata()["native_dot"] and dot.is_native(qmodel.blocks[0].mlp.w2)
     eager, jitted = _logits(qmodel, tokens), nnx.jit(_logits)(qmodel, tokens)
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-5, atol=1e-5)
     weight_only = _logits(quant.quantize_model(model, fmt), tokens)
@@ -156,3 +156,14 @@ def test_errors(model):
     dot.native_einsum("...d,df", jnp.ones((2, 16)), q)
   with pytest.raises(ValueError, match="quantization axis 0 .'d'. is not contracted"):
     dot.native_einsum("tf,df->td", jnp.ones((2, 8)), q)
+
+
+def test_native_dots_probe_runs_small():
+  from benchmarks.quant import native_dots  # pylint: disable=g-import-not-at-top
+  rows = {r["method"]: r for r in native_dots.run_shape(16, 128, 24, repeats=1)}
+  assert set(rows) == {"bf16", "deq_int8", "deq_int4_g128", "deq_fp8", "w8a8_int8", "gemm_int8", "w8a8_fp8",
+                       "gemm_fp8"}
+  assert rows["deq_int8"]["rel_err"] < 2e-2 and rows["w8a8_fp8"]["rel_err"] < 0.1 and rows["bf16"]["gemm"] != "-"
+  assert rows["deq_int4_g128"]["weight_mb"] < rows["deq_int8"]["weight_mb"] < rows["bf16"]["weight_mb"]
+  if jax.default_backend() == "cpu":  # XLA:CPU keeps s8 operands on its dot (and upcasts fp8)
+    assert rows["gemm_int8"]["eight_bit_gemm"] and not rows["bf16"]["eight_bit_gemm"]

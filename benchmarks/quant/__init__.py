@@ -1,0 +1,1 @@
+"""Benchmarks of `cce_jax.quant`: `native_dots` (quantized-weight dots: dequantize on the fly vs fp8 / int8 GEMMs)."""

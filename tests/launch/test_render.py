@@ -11,6 +11,7 @@ import io
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 
@@ -191,3 +192,17 @@ def test_usage_errors_are_one_line(argv, message, capsys):
   assert launch.main(argv, out=io.StringIO()) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and message in err, err
+
+
+def test_every_launch_command_in_the_docs_dry_runs():
+  text = (launch.REPO / "docs" / "launch.md").read_text(encoding="utf-8")
+  commands = [line for block in re.findall(r"```\n(.*?)```", text, flags=re.S)
+              for line in block.replace("\\\n", " ").splitlines() if line.startswith("python launch/launch.py ")]
+  commands = [c for c in commands if "TARGET" not in c]
+  assert len(commands) >= 8
+  for command in commands:
+    argv = shlex.split(command)[2:]
+    cut = argv.index("--")
+    out = io.StringIO()
+    assert launch.main(argv[:cut] + ["--dry_run", "--output_dir=/o"] + argv[cut:], out=out) == 0, command
+    assert "experiments/train.py" in out.getvalue()

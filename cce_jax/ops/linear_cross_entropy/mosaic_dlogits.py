@@ -4,10 +4,8 @@ Per block of [block_n tokens, block_v vocabulary entries] (as in the XLA dense b
 the logits tile by tile with the pipeline of `mosaic_pipeline` and writes dZ = dL/dz in bf16 straight from its
 epilogue (the XLA backward writes the fp32 logits, reads them back, writes dZ); then two XLA GEMMs
 accumulate dE += dZ @ c_blk (fp32) and dC_blk = dZ.T @ e_blk (fp32 over the token blocks). No atomics, a fixed
-order: bitwise deterministic. No tile is skipped: used for exact mode, filter_eps=None, and as the filtered
-mode's fallback when most tiles are kept; there, with `filter_eps`, the epilogue zeroes each row's 128-entry
-segment of a tile whose |dS| / max(|g_lse|, |g_target|, |g_mean|) is below filter_eps throughout (the filter's
-contract at the granularity of one row of a tile; the tile-skipping kernels drop whole [block_n, block_v] tiles).
+order: bitwise deterministic. No tile is skipped and nothing is zeroed: used for exact mode, filter_eps=None, and
+as the filtered mode's fallback when most tiles are kept (where it gives the full gradient).
 Input conditions: `mosaic_pipeline.unsupported_reason`.
 
 dS = (g_lse + g_mean (1 + s - mean)) softmax(s) + g_target onehot(t) + g_sum, dZ = dS · ds/dz (see
@@ -35,10 +33,10 @@ _ROWS = 8  # per-token inputs of the kernel: lse, g_lse, g_target, g_sum, g_mean
 
 
 def dlogits(e_NxD, c_VxD, targets_N, rows_RxN, *, softcap, inv_temperature, with_sum, with_mean, splits,
-            filter_eps=None, approx_math=True, interpret=False):
+            approx_math=True, interpret=False):
   """dZ [N, V] bf16 of one block: e_NxD [N, D] bf16 (N % 8 == 0), c_VxD [V, D] bf16, targets [N] int32,
-  rows_RxN [8, N] fp32 (lse, g_lse, g_target, g_sum, g_mean, mean, live 0/1, 1 / max(|g_lse|, |g_target|,
-  |g_mean|), the last one read only with filter_eps)."""
+  rows_RxN [8, N] fp32 (lse, g_lse, g_target, g_sum, g_mean, mean, live 0/1, an unused row that keeps the
+  TMA box [8, N])."""
   n, d = e_NxD.shape
   v = c_VxD.shape[0]
   c_VxD = mp.pad_vocabulary(c_VxD)  # the kernel masks columns >= v
@@ -47,15 +45,14 @@ def dlogits(e_NxD, c_VxD, targets_N, rows_RxN, *, softcap, inv_temperature, with
   stages = mp.num_stages(mp.block_d(d), out_bytes + 2 * _ROWS * mp.BN * 4 + 1024)
   v_per_split, splits = mp.split_vocabulary(v, splits)
   kernel = functools.partial(_kernel, d=d, v=v, stages=stages, v_per_split=v_per_split, softcap=softcap,
-                             inv_temperature=inv_temperature, with_sum=with_sum, with_mean=with_mean,
-                             filter_eps=filter_eps)
+                             inv_temperature=inv_temperature, with_sum=with_sum, with_mean=with_mean)
   dz = mp.launch(kernel, jax.ShapeDtypeStruct((n, v_out), e_NxD.dtype), n=n, splits=splits,
                  approx_math=approx_math, interpret=interpret)(e_NxD, c_VxD, targets_N.astype(jnp.int32), rows_RxN)
   return dz if v_out == v else dz[:, :v]
 
 
 def _kernel(e_ref, c_ref, t_ref, rows_ref, dz_ref, *, d, v, stages, v_per_split, softcap, inv_temperature,
-            with_sum, with_mean, filter_eps):
+            with_sum, with_mean):
   n0, v_lo, num_tiles = mp.cta_range(v, v_per_split)
   swizzle = plgpu.find_swizzle(mp.BV * 16)
   out_transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
@@ -66,7 +63,7 @@ def _kernel(e_ref, c_ref, t_ref, rows_ref, dz_ref, *, d, v, stages, v_per_split,
     plgpu.barrier_wait(bar.at[wg])
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     tgt = plgpu.load(t_smem.at[wg], layout=row_layout)
-    lse, g_lse, g_st, g_sum, g_mean, mean, live, inv_r = (
+    lse, g_lse, g_st, g_sum, g_mean, mean, live, _ = (
         plgpu.load(rows_smem.at[wg, k], layout=row_layout) for k in range(_ROWS))
     shape = (mp.BN, mp.BV)
     bcast = lambda r: lax.broadcast_in_dim(r, shape, [0])
@@ -94,9 +91,6 @@ def _kernel(e_ref, c_ref, t_ref, rows_ref, dz_ref, *, d, v, stages, v_per_split,
       # hidden state). Columns >= v are not masked: they only exist in the output's padding, which is sliced off.
       ds = jnp.where(bcast(live) > 0.0, ds, 0.0)
       dz = ds if dsdz is None else ds * dsdz
-      if filter_eps is not None:  # NaN keeps its row
-        below = (jnp.abs(ds) * bcast(inv_r)).max(axis=1) < filter_eps
-        dz = dz * bcast(jnp.where(below, 0.0, 1.0))
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
       out_smem.at[wg][...] = dz.astype(out_smem.dtype)
       plgpu.commit_smem()
@@ -129,7 +123,7 @@ def dense_backward(stats_spec, residuals, cotangents, *, block_n, block_v, split
   acc = jnp.float32
   kw = dict(softcap=stats_spec.softcap, inv_temperature=stats_spec.inv_temperature,
             with_sum=stats_spec.with_sum, with_mean=stats_spec.with_mean, splits=splits, approx_math=approx_math,
-            filter_eps=None if stats_spec.exact else stats_spec.filter_eps, interpret=interpret)
+            interpret=interpret)
 
   n_blocks = pl.cdiv(n8, block_n)
   # One token block: the GEMM's own fp32 accumulator is the whole dC sum, rounded once to c's dtype (as a GEMM to

@@ -29,8 +29,9 @@ keep mask (`keep_masks.from_row_maxima`) and
 - when at most `dense_backward_above` of the tiles are kept, runs `compact_backward` over the kept tiles only:
   their dZ into a buffer, then dE per token tile and dC per vocabulary tile from it (no atomics, deterministic);
 - otherwise runs the dense backward, faster when most tiles are kept (on Hopper dZ of every tile from
-  `mosaic_dlogits`, each row of a tile zeroed where it is below filter_eps; else the XLA backward with the
-  filter per dense block). The choice is made on the device (`lax.cond`).
+  `mosaic_dlogits`, else the XLA backward). It computes every tile and so zeroes none: where the filter would
+  keep most tiles the result is the full gradient, as accurate as `filter_eps=None`. The choice is made on the
+  device (`lax.cond`).
 
 Triton needs power-of-2 block shapes; the dimensions need not be multiples of them: a block that would run past
 the end of an array is moved back to end at the edge and its already-covered rows/columns are masked, so no
@@ -39,6 +40,7 @@ input is padded or copied.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -112,8 +114,7 @@ def _mosaic_forward(spec, e_NxD, c_VxD, bias_V) -> bool:
 
 def _mosaic_dlogits(spec, e_NxD, c_VxD, bias_V) -> bool:
   """Whether the dense backward takes dZ from the Mosaic GPU kernel (config.dense_backward_kernel, the inputs,
-  the GPU). With gradient filtering the dense backward is the fallback for when most tiles are kept; the Mosaic
-  kernel filters there per row of each tile (the XLA one per [block_n, block_v] block of the dense backward)."""
+  the GPU)."""
   return pallas_spec.use_mosaic(spec, "dense_backward_kernel", "xla",
                                 mosaic_pipeline.unsupported_reason(e_NxD, c_VxD, bias_V))
 
@@ -173,8 +174,10 @@ def _stats_fwd(spec, e_NxD, c_VxD, bias_V, targets_N, row_maxima=True):
 
 def _dense_bwd(spec, residuals, cotangents):
   """The blockwise dense backward (dense GEMMs, no atomics; deterministic): exact mode, no filtering, or
-  filtering that would keep most tiles. On Hopper dZ comes from the Mosaic GPU kernel of `mosaic_dlogits`;
-  else the XLA backward."""
+  filtering that would keep most tiles. It computes every tile, so it zeroes none: the full gradient (a filter
+  there would cost accuracy and save no work). On Hopper dZ comes from the Mosaic GPU kernel of
+  `mosaic_dlogits`; else the XLA backward."""
+  spec = dataclasses.replace(spec, stats=dataclasses.replace(spec.stats, filter_eps=None))
   e_NxD, c_VxD = residuals[0], residuals[1]
   tiles = spec.config.exact_backward_tiles(e_NxD.shape[0], c_VxD.shape[0])
   if _mosaic_dlogits(spec, e_NxD, c_VxD, residuals[2]):

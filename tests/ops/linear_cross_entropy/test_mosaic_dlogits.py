@@ -109,39 +109,19 @@ def test_compiled_mosaic_backward_matches_xla_and_repeats_bitwise(n, d, v, softc
     assert helpers.rel_err(a, x) < 1e-2
 
 
-def _segment_filtered_grads(e, c, targets, eps):
-  """fp32 gradients of the mean cross-entropy with dS zeroed on every row's 128-column segment whose
-  |softmax - onehot| stays below eps (the Mosaic fallback's filter)."""
-  e32, c32 = helpers.upcast((e, c))
-  p = jax.nn.softmax(e32 @ c32.T, axis=1)
-  ds = p - jax.nn.one_hot(targets, c.shape[0])
-  v = c.shape[0]
-  seg = jnp.pad(jnp.abs(ds), ((0, 0), (0, -v % 128))).reshape(ds.shape[0], -1, 128).max(-1)
-  keep = jnp.repeat(seg >= eps, 128, axis=1)[:, :v]
-  ds = jnp.where(keep, ds, 0.0) / e.shape[0]
-  return ds @ c32, ds.T @ e32
-
-
-@pytest.mark.parametrize("eps", [1e-2, 2.0])
-def test_filtered_mode_dense_fallback_filters_each_row_of_a_tile(eps):
-  """With filtering, the dense fallback through the Mosaic kernel zeroes each row's 128-entry segment of a tile
-  below filter_eps: every gradient at 2.0, the unfiltered gradient at 1e-30, the segment-filtered one between."""
+@pytest.mark.parametrize("eps,above", [(1e-2, 0.0), (2.0, 0.0), (1e-2, 1e-6)])
+def test_filtered_mode_dense_fallback_is_the_full_gradient(eps, above):
+  """The dense backward computes every tile, so with filtering it zeroes nothing: always dense (above=0), and as
+  the fallback the device chooses when more than `above` of the tiles are kept (the `lax.cond`), the gradient is
+  filter_eps=None's bitwise, also where a filter would have dropped rows of tiles (peaked logits)."""
   e, c, targets, _ = helpers.make_inputs(10, (40,), 64, 1000, regime="peaked")
   e, c = e.astype(jnp.bfloat16), c.astype(jnp.bfloat16)
-  cfg = PallasGpuConfig(dense_backward_above=0.0, dense_backward_kernel="mosaic", dense_block_v=256,
-                        low_memory=False)
+  cfg = PallasGpuConfig(dense_backward_above=above, dense_backward_kernel="mosaic", dense_block_v=256,
+                        low_memory=False, forward_gradient="off")
   f = lambda **kw: lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, implementation="pallas_gpu", config=cfg,
                                                              interpret=True, **kw)
   got = jax.grad(f(filter_eps=eps), argnums=(0, 1))(e, c)
   full = jax.grad(f(filter_eps=None), argnums=(0, 1))(e, c)
-  if eps >= 1.0:
-    for g in got:
-      np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), 0.0)
-    return
-  want = _segment_filtered_grads(e, c, targets, eps)
-  for g, w, u in zip(got, want, full):
-    assert helpers.rel_err(g, w) < 5e-3  # bf16 dZ
-    assert helpers.rel_err(u, w) > 5e-2  # the filter dropped something this test can see
-  tiny = jax.grad(f(filter_eps=1e-30), argnums=(0, 1))(e, c)
-  for g, u in zip(tiny, full):
+  for g, u in zip(got, full):
+    assert float(jnp.abs(u.astype(jnp.float32)).max()) > 0.0
     np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(u.astype(jnp.float32)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -10,6 +12,7 @@ from cce_jax.models.config import Config
 from cce_jax.models.layers import Block
 from cce_jax.models.layers import RMSNorm
 from cce_jax.quant import dot
+from cce_jax.quant.qarray import QArray
 
 
 class Decoder(nnx.Module):
@@ -18,7 +21,7 @@ class Decoder(nnx.Module):
   `__call__(tokens_BxT)` gives the final-norm hidden states [B, T, D] in the compute dtype; `classifier()` gives the
   [V, D] matrix c (the embedding when tied), so the loss is `linear_cross_entropy(hidden, classifier(), targets)`
   without the [B, T, V] logits. Parameters are stored in `cfg.param_dtype` (fp32) and cast to `cfg.dtype` for
-  compute.
+  compute; a Param may also hold a `QArray` (`cce_jax.quant.quantize_model`), dequantized in the forward.
   """
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
@@ -63,8 +66,9 @@ class Decoder(nnx.Module):
 
 def param_counts(model: Decoder) -> dict[str, int]:
   """{"total": all parameters, "non_embedding": without the embedding and the untied head} (Kaplan's N)."""
-  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
-  total = sum(int(x.size) for x in leaves)
+  # A QArray counts the elements of the array it stands for, not its codes and scales.
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, QArray))
+  total = sum(math.prod(x.shape) for x in leaves)
   cfg = model.cfg
   embedding = cfg.V * cfg.D * (1 if cfg.tie_embeddings else 2)
   return {"total": total, "non_embedding": total - embedding}

@@ -77,7 +77,7 @@ def _parse(spec: str, ndim_x: int, ndim_w: int):
   xs, ws = ins.split(",")
   if (len(xs), len(ws)) != (ndim_x, ndim_w) or any(len(set(s)) != len(s) for s in (xs, ws, out)):
     raise ValueError(f"spec {spec!r} does not fit x with {ndim_x} axes and w with {ndim_w} (or repeats a letter)")
-  if any(c in xs and c in out for c in ws) or set(out) != (set(xs) | set(ws)) - (set(xs) & set(ws)):
+  if set(out) != set(xs) ^ set(ws):
     raise ValueError(f"spec {spec!r}: every weight letter must be contracted with x or appear only in the output")
   return xs, ws, out
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from cce_jax import quant
-from cce_jax.models import Config, make_model
+from cce_jax.models import Config, make_model, param_counts
 from cce_jax.quant import dot
 from cce_jax.quant import recipes
 from tests.quant import numpy_reference as ref
@@ -142,6 +142,7 @@ def test_model_size_report(model):
   assert total["quantized"] == 7 * CFG.L and total["after_bytes"] < total["before_bytes"]
   assert row["before_bytes"] == CFG.D * CFG.F * 4 and row["after_bytes"] == CFG.D * CFG.F + CFG.F * 4
   assert report["params"]["embed"]["after_bytes"] == report["params"]["embed"]["before_bytes"]
+  assert param_counts(quant.quantize_model(model, "nf4")) == param_counts(model)
 
 
 def test_errors(model):

@@ -23,6 +23,7 @@ import logging as py_logging
 import os
 import subprocess
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -66,6 +67,18 @@ def _commit():
     return "unknown"
 
 
+def _device():
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    return f"{device.device_kind} ({device.platform})"
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
+  except OSError:
+    name = "CPU"
+  return f"{name}, {os.cpu_count()} cores visible (cpu)"
+
+
 def _source():
   if (_WORKDIR.value is None) == (_MODEL.value is None):
     raise app.UsageError("give exactly one of --workdir and --model")
@@ -76,6 +89,7 @@ def _source():
 
 def main(argv):
   del argv
+  start = time.perf_counter()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietOrbax())
@@ -85,9 +99,8 @@ def main(argv):
   except (ValueError, FileNotFoundError, ImportError) as err:
     _fail(err)
   seq_len = _SEQ_LEN.value or source.seq_len
-  device = jax.devices()[0]
   meta = {"model": source.name, "source": source.description, "seq_len": seq_len, "commit": _commit(),
-          "device": f"{device.device_kind} ({device.platform}), {os.cpu_count()} CPUs visible",
+          "device": _device(),
           "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "command": " ".join(["python", "experiments/quantize.py"] + sys.argv[1:])}
   print(f"{source.description}; {len(source.tokens) - 1} held-out tokens in windows of {seq_len}", flush=True)
@@ -102,7 +115,9 @@ def main(argv):
                                 on_row=lambda i, n, row: print(eval_recipes.progress_line(i, n, row), flush=True))
   except ValueError as err:
     _fail(err)
-  meta["total_seconds"] = round(sum(r["seconds"] for r in rows), 1)
+  meta["seconds"] = round(sum(r["seconds"] for r in rows), 1)  # baseline + recipes
+  meta["wall_seconds"] = round(time.perf_counter() - start, 1)  # with loading, tokenizing and compiling
+  meta["load_average_1_5_15min_at_end"] = [round(x, 1) for x in os.getloadavg()]  # a shared machine shows here
   for path in eval_recipes.write(_OUT.value, rows, meta):
     print(f"wrote {path}", flush=True)
 

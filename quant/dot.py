@@ -29,7 +29,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cce_jax.quant import qarray
-from cce_jax.quant.formats import fp8 as fp8_format
 from cce_jax.quant.formats import int as int_format
 
 NATIVE_FORMATS = ("int8", "fp8_e4m3")
@@ -105,8 +104,6 @@ def native_einsum(spec: str, x, q: qarray.QArray):
   if axis_letter not in contracted:
     raise ValueError(f"spec {spec!r}: the weight's quantization axis {q.axis} ({axis_letter!r}) is not contracted")
   fmt = q.fmt
-  if not isinstance(fmt, (int_format.IntFormat, fp8_format.FP8Format)):
-    raise ValueError(f"native dots do not support the format class {type(fmt).__name__}")
   # The codes keep the QArray's blocked layout: the weight's letters with the contraction axis moved last.
   wb = ws.replace(axis_letter, "") + axis_letter
   batch = [c for c in contracted if c != axis_letter]  # scales vary along these: rescale, then sum
@@ -119,7 +116,7 @@ def native_einsum(spec: str, x, q: qarray.QArray):
   free_x = "".join(c for c in xs if c not in contracted)
   free_w = "".join(c for c in wb if c not in contracted)
   acc_letters = "".join(batch) + free_x + free_w  # dot_general's output order
-  sx = _align(jnp.squeeze(enc.scales, [i for i, c in enumerate(xs) if c in contracted]), free_x, acc_letters)
+  sx = _align(jnp.squeeze(enc.scales, tuple(i for i, c in enumerate(xs) if c in contracted)), free_x, acc_letters)
   sw = _align(q.scales[..., 0], wb[:-1], acc_letters)
   y = acc.astype(jnp.float32) * sx * sw
   if batch:

@@ -106,8 +106,9 @@ def main(argv):
     m, k, n = (int(s) for s in shape.lower().split("x"))
     for r in run_shape(m, k, n, _REPEATS.value):
       rows.append(r)
-      print(f"| {r['shape']} | {r['method']} | {r['ms']:.3f} | {r['tflops']:.1f} | {r['weight_mb']:.2f} | "
-            f"{'-' if r['rel_err'] is None else format(r['rel_err'], '.2e')} | {r['gemm']} | {'yes' if r['eight_bit_gemm'] else 'no'} |", flush=True)
+      err = "-" if r["rel_err"] is None else f"{r['rel_err']:.2e}"
+      print(f"| {r['shape']} | {r['method']} | {r['ms']:.3f} | {r['tflops']:.1f} | {r['weight_mb']:.2f} | {err} | "
+            f"{r['gemm']} | {'yes' if r['eight_bit_gemm'] else 'no'} |", flush=True)
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump({"device": dev.device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)

@@ -1,4 +1,4 @@
-r"""Starts one experiment command as a multi-process JAX run: on this host, on SLURM, on Cloud TPU VMs or on Kubernetes.
+r"""Starts one experiment command as a multi-process JAX run: this host, SLURM, Cloud TPU VMs, Kubernetes, SkyPilot.
 
   python launch/launch.py TARGET [flags] -- COMMAND...
 
@@ -7,14 +7,16 @@ r"""Starts one experiment command as a multi-process JAX run: on this host, on S
   python launch/launch.py slurm --nodes=2 --gpus_per_node=8 --dry_run -- python experiments/train.py ...
   python launch/launch.py tpu_vm --tpu_type=v5litepod-16 --zone=us-west4-a -- python experiments/train.py ...
   python launch/launch.py k8s --gpus_per_node=8 --nodes=4 --image=IMAGE -- python experiments/train.py ...
+  python launch/launch.py skypilot --nodes=2 --gpus_per_node=8 --accelerator=H100 -- python experiments/train.py ...
 
 The command is the same everywhere; with experiments/train.py, pass --distributed and a --workdir that every
 process can reach. Every process calls `jax.distributed.initialize()`, which finds its process id, the process
 count and the coordinator from what each cluster provides (docs/launch.md lists what, target by target). The
-templates are the plain files beside this one (slurm.sbatch, jobset_gpu.yaml, jobset_tpu.yaml, tpu_vm.sh).
+templates are the plain files beside this one (slurm.sbatch, jobset_gpu.yaml, jobset_tpu.yaml, tpu_vm.sh,
+skypilot.yaml).
 
 --dry_run prints every file it would write and every command it would run, and touches nothing; without it, the
-files go to --output_dir and the commands run (sbatch, kubectl apply, gcloud), each printed before it runs.
+files go to --output_dir and the commands run (sbatch, gcloud, kubectl apply, sky launch), each printed first.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import local_run
 import render
 import tpu_types
 
-TARGETS = ("local", "slurm", "tpu_vm", "k8s")
+TARGETS = ("local", "slurm", "tpu_vm", "k8s", "skypilot")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -67,19 +69,22 @@ def _parser() -> argparse.ArgumentParser:
   slurm.add_argument("--account")
   slurm.add_argument("--log", default="%x-%j.out", help="sbatch --output pattern")
   slurm.add_argument("--sbatch", action="append", metavar="OPTION", help="extra #SBATCH option, e.g. --mem=0")
-  tpu = parser.add_argument_group("tpu_vm")
+  tpu = parser.add_argument_group("tpu_vm (--setup: skypilot too)")
   tpu.add_argument("--zone")
   tpu.add_argument("--project")
   tpu.add_argument("--tpu_version", help="TPU VM runtime (default: the generation's, e.g. v2-alpha-tpuv5-lite)")
   tpu.add_argument("--queued", action="store_true", help="request a queued resource (needed for --slices > 1)")
   tpu.add_argument("--spot", action="store_true")
-  tpu.add_argument("--setup", help="run once per worker before the first run (default: a venv with the "
-                   "package and jax[tpu])")
+  tpu.add_argument("--setup", help="shell commands run once per worker, creating .venv (default: uv makes a "
+                   "Python 3.12 .venv with the package and jax[tpu])")
   k8s = parser.add_argument_group("k8s")
   k8s.add_argument("--image", help="container image holding the code and its dependencies")
   k8s.add_argument("--max_restarts", type=int, default=0, help="JobSet restarts after a failure")
   k8s.add_argument("--pvc", metavar="CLAIM:/PATH", help="mount a PersistentVolumeClaim (a shared --workdir)")
   k8s.add_argument("--tpu_topology", help="GKE TPU topology, e.g. 4x4 (default: from --tpu_type)")
+  sky = parser.add_argument_group("skypilot (also --setup, --port)")
+  sky.add_argument("--accelerator", help="GPU model as SkyPilot names it, e.g. H100, A100-80GB")
+  sky.add_argument("--cloud", help="pin a cloud (default: SkyPilot picks the cheapest)")
   return parser
 
 
@@ -103,7 +108,7 @@ def parse(argv: list[str]):
       raise LaunchError(f"--tpu_type={args.tpu_type} has {tpu.hosts} host(s); leave --nodes out")
   if args.slices > 1 and not args.tpu_type:
     raise LaunchError("--slices needs --tpu_type")
-  need = {"local": [], "slurm": [], "tpu_vm": ["tpu_type", "zone"], "k8s": ["image"]}[args.target]
+  need = {"local": [], "slurm": [], "tpu_vm": ["tpu_type", "zone"], "k8s": ["image"], "skypilot": []}[args.target]
   missing = [f"--{n}" for n in need if not getattr(args, n)]
   if missing:
     raise LaunchError(f"{args.target} needs {' and '.join(missing)}")
@@ -111,7 +116,9 @@ def parse(argv: list[str]):
     raise LaunchError("--slices > 1 on TPU VMs needs --queued (a multislice queued resource)")
   if args.target == "k8s" and not (args.tpu_type or args.gpus_per_node):
     raise LaunchError("k8s needs --gpus_per_node or --tpu_type")
-  if args.target in ("local", "slurm") and args.tpu_type:
+  if args.target == "skypilot" and bool(args.gpus_per_node) != bool(args.accelerator):
+    raise LaunchError("skypilot takes --gpus_per_node and --accelerator together")
+  if args.target in ("local", "slurm", "skypilot") and args.tpu_type:
     raise LaunchError(f"{args.target} does not take --tpu_type (use tpu_vm or k8s)")
   if args.target == "local" and args.nodes != 1:
     raise LaunchError("local runs on this host only: leave --nodes out")
@@ -128,6 +135,10 @@ def plan(args, command: list[str]) -> tuple[dict[str, str], list[tuple[str, str]
   if args.target == "k8s":
     path = str(out / f"{args.name}.yaml")
     return {path: render.jobset(args, command)}, [("create the JobSet", f"kubectl apply -f {path}")]
+  if args.target == "skypilot":
+    path = str(out / f"{args.name}.sky.yaml")
+    return ({path: render.skypilot_task(args, command, str(REPO))},
+            [("provision the cluster and run the task", f"sky launch -c {args.name} {path}")])
   script, archive = str(out / f"{args.name}.sh"), str(out / f"{args.name}.tar.gz")
   return ({script: render.tpu_vm_script(args, command)},
           render.tpu_vm_commands(args, archive, script, str(REPO)))

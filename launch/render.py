@@ -1,4 +1,4 @@
-"""Fills the templates of launch/ (slurm.sbatch, jobset_gpu.yaml, jobset_tpu.yaml, tpu_vm.sh) from the command line.
+"""Fills the templates of launch/ (slurm.sbatch, jobset_*.yaml, tpu_vm.sh, skypilot.yaml) from the command line.
 
 Template syntax, kept small so the files stay readable: `{{NAME}}` is replaced by a value; a placeholder alone on
 its line takes a block of lines, indented like the placeholder, and the line goes away when the block is empty;
@@ -134,7 +134,12 @@ def jobset(args, command: list[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------------- TPU VMs
 
-DEFAULT_TPU_SETUP = 'python3 -m venv .venv && .venv/bin/pip install -q -e . "jax[tpu]"'
+# TPU VM (and cloud VM) images ship an older Python than the package needs (3.12): uv brings its own.
+DEFAULT_TPU_SETUP = "\n".join([
+    'export PATH="$HOME/.local/bin:$PATH"',
+    "command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh",
+    "uv venv --allow-existing --python 3.12 .venv",
+    'uv pip install --python .venv/bin/python -e . "jax[tpu]"'])
 
 
 def tpu_vm_script(args, command: list[str]) -> str:
@@ -189,3 +194,21 @@ def tpu_vm_commands(args, archive: str, script: str, repo: str) -> list[tuple[st
                   " &\n".join(ssh) + " &\nstatus=0; for p in $(jobs -p); do wait \"$p\" || status=1; done; "
                   "exit $status"))
   return steps
+
+
+# ------------------------------------------------------------------------------------------------------- SkyPilot
+
+
+def skypilot_task(args, command: list[str], repo: str) -> str:
+  """The SkyPilot task YAML (skypilot.yaml): --nodes GPU VMs, the repository synced, one process per node."""
+  resources = []
+  if args.gpus_per_node:
+    resources.append(f"accelerators: {_yaml_str(f'{args.accelerator}:{args.gpus_per_node}')}")
+  if args.cloud:
+    resources.append(f"cloud: {_yaml_str(args.cloud)}")
+  env = "\n".join(f"{k}: {_yaml_str(v)}" for k, v in env_pairs(args.env))
+  setup = args.setup or DEFAULT_TPU_SETUP.replace('"jax[tpu]"', '"jax[cuda12]"' if args.gpus_per_node else "jax")
+  return fill(template("skypilot.yaml"), {
+      "NAME": args.name, "NODES": args.nodes, "RESOURCES": "\n".join(resources), "WORKDIR": _yaml_str(repo),
+      "ENV": env, "SETUP": setup, "PORT": args.port or GPU_COORDINATOR_PORT, "COMMAND": shlex.join(command)},
+              {"RESOURCES": bool(resources)})

@@ -11,9 +11,10 @@ mkdir -p {{REMOTE_DIR}}
 tar -xzf ~/{{NAME}}.tar.gz -C {{REMOTE_DIR}}
 cd {{REMOTE_DIR}}
 
-# Set up once per worker; later runs reuse the environment.
-if [ ! -x .venv/bin/python ]; then
+# Set up .venv once per worker (until the setup has succeeded); later runs reuse it.
+if [ ! -f .setup_done ]; then
   {{SETUP}}
+  touch .setup_done
 fi
 source .venv/bin/activate
 {{EXPORTS}}

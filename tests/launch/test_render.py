@@ -1,6 +1,6 @@
-"""launch.py's dry runs against golden files (the sbatch scripts, JobSet YAML, TPU VM script and gcloud commands a
-user would submit), `bash -n` on every shell script, the JobSet YAML against the JobSet schema, gcloud's own flag
-lists, the template syntax and the one-line usage errors.
+"""launch.py's dry runs against golden files (the sbatch scripts, JobSet YAML, TPU VM script, gcloud commands and
+SkyPilot task a user would submit), `bash -n` on every shell script, the JobSet YAML against the JobSet schema,
+gcloud's own flag lists, the SkyPilot task's shell, the template syntax and the one-line usage errors.
 
 Regenerate the golden files after an intended change with CCE_UPDATE_GOLDEN=1 and read their diff.
 """
@@ -39,6 +39,9 @@ CASES = {
                              "--pvc=runs:/shared"],
     "tpu_vm_v5e_16": ["tpu_vm", "--tpu_type=v5litepod-16", "--zone=us-west4-a", "--project=my-project"],
     "tpu_vm_v4_8_spot": ["tpu_vm", "--tpu_type=v4-8", "--zone=us-central2-b", "--spot", "--name=cce-v4"],
+    "skypilot_2x8_h100": ["skypilot", "--nodes=2", "--gpus_per_node=8", "--accelerator=H100",
+                          "--env=XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"],
+    "skypilot_cpu_gcp": ["skypilot", "--nodes=3", "--cloud=gcp", "--name=cpu-smoke"],
     "tpu_vm_v6e_queued_2_slices": ["tpu_vm", "--tpu_type=v6e-256", "--slices=2", "--queued", "--zone=us-east5-b",
                                    "--env=LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true"],
 }
@@ -116,6 +119,22 @@ def test_jobset_yaml_fits_the_schema_and_the_run(case):
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
 
 
+def test_skypilot_task_gives_each_node_what_train_py_reads(tmp_path):
+  out = io.StringIO()
+  assert launch.main(["skypilot", "--nodes=2", "--gpus_per_node=8", "--accelerator=H100", "--dry_run",
+                      "--output_dir=/o", "--", "env"], out=out) == 0
+  task = yaml.safe_load(_sections(out.getvalue())["/o/cce-train.sky.yaml"])
+  assert task["num_nodes"] == 2 and task["resources"] == {"accelerators": "H100:8"}
+  assert task["workdir"] == str(launch.REPO) and task["envs"]["PYTHONUNBUFFERED"] == "1"
+  _bash_n(task["setup"], "setup")
+  (tmp_path / ".venv" / "bin").mkdir(parents=True)
+  (tmp_path / ".venv" / "bin" / "activate").write_text("", encoding="utf-8")
+  got = subprocess.run(["bash", "-c", task["run"]], cwd=tmp_path, capture_output=True, text=True, check=True, env={
+      "PATH": os.environ["PATH"], "SKYPILOT_NODE_IPS": "10.0.0.7\n10.0.0.8", "SKYPILOT_NUM_NODES": "2",
+      "SKYPILOT_NODE_RANK": "1"}).stdout.splitlines()
+  assert {"JAX_COORDINATOR_ADDRESS=10.0.0.7:55527", "JAX_NUM_PROCESSES=2", "JAX_PROCESS_ID=1"} <= set(got)
+
+
 def test_the_schema_check_finds_wrong_types_and_unknown_fields():
   doc = _jobset("k8s_gpu")
   job = doc["spec"]["replicatedJobs"][0]["template"]["spec"]
@@ -187,6 +206,8 @@ def test_tpu_slice_shapes(name, hosts, per_host, topology):
     (["k8s", "--gpus_per_node=8", "--image=i", "--pvc=runs", "--", "x"], "--pvc='runs'"),
     (["slurm", "--env=NOVALUE", "--", "x"], "--env='NOVALUE'"),
     (["local", "--nodes=2", "--", "x"], "this host only"),
+    (["skypilot", "--gpus_per_node=8", "--", "x"], "--gpus_per_node and --accelerator together"),
+    (["skypilot", "--tpu_type=v4-8", "--", "x"], "does not take --tpu_type"),
 ])
 def test_usage_errors_are_one_line(argv, message, capsys):
   assert launch.main(argv, out=io.StringIO()) == 2

@@ -5,8 +5,9 @@
 - `launch.py local --num_processes=2`, which starts them with an explicit coordinator on localhost.
 
 Both form one 2-process runtime and match one process with two simulated devices: the same losses, metrics written
-once per step, and a checkpoint that reads back to the same parameters. The two runs share the machine at once to
-keep the test short (about 45 s on 2 cores); it is skipped when localhost ports cannot be opened.
+once per step, and a checkpoint that reads back to the same parameters. The one-process run and the SLURM pair run
+at once, and XLA compiles fast at optimization level 0 into a cache that launch.py's pair then reads: about 50 s of
+CPU time in all. Skipped when no localhost port can be opened; marked `multiprocess`.
 """
 
 from __future__ import annotations
@@ -122,11 +123,9 @@ def _check_matches_one_process(runs, name):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_slurm_environment_two_processes_match_one(runs):
+def test_slurm_environment_and_launch_local_two_processes_match_one(runs):
+  # One test, so that pytest-xdist does not start the module's runs once per worker.
   _check_matches_one_process(runs, "slurm")
-
-
-def test_launch_local_two_processes_match_one(runs):
   _check_matches_one_process(runs, "local")
   out = runs["local"][1][0]
   assert "launch.py: starting 2 processes" in out and "[1] " in out  # both processes' output, prefixed

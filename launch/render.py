@@ -166,7 +166,7 @@ def tpu_vm_commands(args, archive: str, script: str, repo: str) -> list[tuple[st
   spot = " --spot" if args.spot else ""
   steps = [("pack the code (files git tracks, and untracked ones it does not ignore)",
             f"git -C {q(repo)} ls-files -z --cached --others --exclude-standard | "
-            f"tar -czf {q(archive)} --null -C {q(repo)} -T -")]
+            f"tar -czf {q(archive)} --ignore-failed-read --null -C {q(repo)} -T -")]
   if args.queued:
     nodes = (f"--node-id={name}" if args.slices == 1 else f"--node-count={args.slices} --node-prefix={name}")
     steps.append((f"request the queued resource {name} unless it exists",

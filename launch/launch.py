@@ -42,7 +42,8 @@ class LaunchError(ValueError):
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0],
+  parser = argparse.ArgumentParser(prog="launch.py", usage="launch.py TARGET [flags] -- COMMAND...",
+                                   description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("target", choices=TARGETS)
   common = parser.add_argument_group("every target")
@@ -91,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 def parse(argv: list[str]):
   """(flags, command) from `TARGET [flags] -- COMMAND...`; LaunchError for what argparse cannot check."""
   if "--" not in argv:
+    if {"-h", "--help"} & set(argv):
+      _parser().parse_args(argv)
     raise LaunchError("give the command after --, e.g. launch.py local -- python experiments/train.py ...")
   cut = argv.index("--")
   args, command = _parser().parse_args(argv[:cut]), argv[cut + 1:]

@@ -25,6 +25,7 @@ import argparse
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -130,18 +131,18 @@ def parse(argv: list[str]):
 
 
 def plan(args, command: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
-  """({path: text} to write, [(what, shell command)] to run) for the slurm, tpu_vm and k8s targets."""
-  out = pathlib.Path(args.output_dir)
+  """({path: text} to write, [(what, shell command)] to run) for every target but local."""
+  out, q = pathlib.Path(args.output_dir), shlex.quote
   if args.target == "slurm":
     path = str(out / f"{args.name}.sbatch")
-    return {path: render.slurm_script(args, command)}, [("submit the batch script", f"sbatch {path}")]
+    return {path: render.slurm_script(args, command)}, [("submit the batch script", f"sbatch {q(path)}")]
   if args.target == "k8s":
     path = str(out / f"{args.name}.yaml")
-    return {path: render.jobset(args, command)}, [("create the JobSet", f"kubectl apply -f {path}")]
+    return {path: render.jobset(args, command)}, [("create the JobSet", f"kubectl apply -f {q(path)}")]
   if args.target == "skypilot":
     path = str(out / f"{args.name}.sky.yaml")
     return ({path: render.skypilot_task(args, command, str(REPO))},
-            [("provision the cluster and run the task", f"sky launch -c {args.name} {path}")])
+            [("provision the cluster and run the task", f"sky launch -c {args.name} {q(path)}")])
   script, archive = str(out / f"{args.name}.sh"), str(out / f"{args.name}.tar.gz")
   return ({script: render.tpu_vm_script(args, command)},
           render.tpu_vm_commands(args, archive, script, str(REPO)))

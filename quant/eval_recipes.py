@@ -89,8 +89,8 @@ def fitted_rules(params, name: str) -> tuple[tuple, list[str]]:
       continue
     g = _largest_divisor(n, rule.group_size)
     extra.append(recipes_lib.Rule(re.escape(path), rule.format, axis=rule.axis, group_size=g))
-    notes[(rule.pattern, n, g)] = (f"{rule.pattern} (axis of {n}): groups of {g}, since {rule.group_size} does not "
-                                   f"divide {n}")
+    notes[(rule.pattern, n, g)] = (f"`{rule.pattern}` (axis of {n}): groups of {g}, since {rule.group_size} does "
+                                   f"not divide {n}")
   return tuple(extra) + rules, list(notes.values())
 
 
@@ -169,10 +169,12 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   base = rows[0]
   ax.axhline(base["perplexity"], color="gray", ls="--", lw=1, label=f"{base['recipe']}: {base['perplexity']:.3f}")
-  for r in rows[1:]:
+  for i, r in enumerate(sorted(rows[1:], key=lambda r: (r["bits_per_weight"], r["perplexity"]))):
     ax.scatter(r["bits_per_weight"], r["perplexity"], s=25)
-    ax.annotate(r["recipe"], (r["bits_per_weight"], r["perplexity"]), textcoords="offset points", xytext=(4, 4),
-                fontsize=8)
+    # neighbours at the same bits (int8 / fp8, nvfp4 / nf4) get their labels on opposite sides
+    ax.annotate(r["recipe"], (r["bits_per_weight"], r["perplexity"]), textcoords="offset points",
+                xytext=(6, 0) if i % 2 else (-6, 0), ha="left" if i % 2 else "right", va="center", fontsize=8)
+  ax.margins(x=0.15)
   ax.set_xlabel("bits per weight (quantized kernels, scales included)")
   ax.set_ylabel("perplexity (held-out tokens)")
   ax.set_title(title, fontsize=9)

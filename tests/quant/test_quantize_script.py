@@ -104,4 +104,4 @@ def test_group_size_that_does_not_divide_falls_back_to_a_divisor():
          "kl_p99": 0.2, "kl_max": 0.3, "top1_agreement": 0.9, "delta_p_rms": 0.01, "bits_per_weight": 4.3,
          "bits_per_weight_all": 9.0, "seconds": 1.0, "notes": notes}
   md = eval_recipes.markdown([row], {"model": "m"})
-  assert md.count("| int4_g128 | 4.300 |") == 1 and "- int4_g128: blocks/" in md
+  assert md.count("| int4_g128 | 4.300 |") == 1 and "- int4_g128: `blocks/" in md

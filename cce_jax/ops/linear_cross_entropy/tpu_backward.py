@@ -100,7 +100,8 @@ def _call(spec, config, which, e_NxD, c_VxD, bias_1xV, targets_Nx1, rows_NxF, in
       out_shape=manual_axes.kernel_out(outs, e_NxD),
       scratch_shapes=[pltpu.VMEM((bn, bv), acc), pltpu.VMEM((bn, bv), mm), pltpu.SMEM((1,), jnp.int32)],
       compiler_params=tpu_tiles.compiler_params(
-          ("parallel", "arbitrary", "arbitrary", "arbitrary"), config.vmem_limit(tiles.backward_vmem(d, itemsize))),
+          ("parallel", "arbitrary", "arbitrary", "arbitrary"), config.vmem_limit(tiles.backward_vmem(d, itemsize)),
+          interpret),
       interpret=tpu_tiles.interpret_params(interpret),
       name=f"cce_tpu_{which}",
   )(*args)

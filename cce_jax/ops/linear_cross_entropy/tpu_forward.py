@@ -57,7 +57,7 @@ def logit_stats(spec: base.StatsSpec, config: PallasTpuConfig, e_NxD, c_VxD, bia
       out_shape=manual_axes.kernel_out(outs, e_NxD),
       scratch_shapes=[pltpu.VMEM((bn, bv), acc)] + [pltpu.VMEM((bn, 1), acc)] * 5,
       compiler_params=tpu_tiles.compiler_params(
-          ("parallel", "arbitrary", "arbitrary"), config.vmem_limit(tiles.forward_vmem(itemsize))),
+          ("parallel", "arbitrary", "arbitrary"), config.vmem_limit(tiles.forward_vmem(itemsize)), interpret),
       interpret=tpu_tiles.interpret_params(interpret),
       name="cce_tpu_fwd",
   )(*args)

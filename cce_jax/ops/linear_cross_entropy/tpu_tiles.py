@@ -35,9 +35,12 @@ def interpret_params(interpret: bool):
   return params(**{k: x for k, x in wanted.items() if k in known})
 
 
-def compiler_params(semantics, vmem_limit_bytes):
-  """Mosaic's compiler parameters: the grid's dimension semantics and the scoped VMEM limit."""
-  return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=vmem_limit_bytes)
+def compiler_params(semantics, vmem_limit_bytes, interpret: bool):
+  """Mosaic's compiler parameters: the grid's dimension semantics and the scoped VMEM limit. The interpreter gets
+  no semantics (every dimension in order): it does not extend them over the grid dimensions that vmap adds
+  (jax 0.12), which Mosaic's lowering does."""
+  return pltpu.CompilerParams(dimension_semantics=None if interpret else semantics,
+                              vmem_limit_bytes=vmem_limit_bytes)
 
 
 def index_column(start, shape):
@@ -60,7 +63,7 @@ def zero_hidden_tail(x, k, block_d, d):
 
 def zero_rows_past(x, start, size):
   """A block whose row r is row start + r of an array of `size` rows, with the rows past the end zeroed."""
-  if x.shape[0] == size:
+  if size % x.shape[0] == 0:  # no block runs past the end
     return x
   return jnp.where(index_column(start, x.shape) < size, x, jnp.zeros_like(x))
 

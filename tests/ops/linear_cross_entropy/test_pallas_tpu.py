@@ -10,6 +10,7 @@ Mosaic accepts their shapes and operations without a TPU.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import cce_jax
+from cce_jax.ops.linear_cross_entropy import tpu_tiles
 from cce_jax.ops.linear_cross_entropy import validation
 from cce_jax.ops.linear_cross_entropy.tpu_config import PallasTpuConfig
 from tests.ops.linear_cross_entropy import helpers
@@ -31,11 +33,48 @@ SUITE_CONFIG = PallasTpuConfig(block_n=32, block_v=384, block_d=128, grad_block_
                                grad_block_d=128)
 
 
+# The base's cases that run by default: one of each kind (every option at once with each reduction, odd shapes,
+# f64 finite differences, NaN inputs, 16-bit inputs, jit/vmap/remat, token_logprobs; the filter is checked below).
+# Each compiles three interpreted kernels (5-15 s of one CPU core); CCE_JAX_SLOW_TESTS=1 runs all 54.
+DEFAULT_CASES = frozenset({
+    "test_options_f32[all]", "test_options_f32[all_mean]", "test_shapes_f32[batch_shape3-130-257]",
+    "test_check_grads_f64", "test_nan_and_inf_propagate[inf-c]",
+    "test_low_precision_no_worse_than_naive[softcap_bias-options1-bfloat16]", "test_jit_eager_vmap_remat_agree",
+    "test_token_logprobs[options1]",
+})
+
+
 class TestPallasTpuInterpret(LinearCrossEntropyTestBase):
-  """Every sweep of the base through the TPU kernels in the interpreter."""
+  """The sweeps of the base through the TPU kernels in the interpreter (DEFAULT_CASES unless
+  CCE_JAX_SLOW_TESTS=1)."""
 
   implementation = "pallas_tpu"
   extra = {"config": SUITE_CONFIG, "interpret": True}
+
+  @pytest.fixture(autouse=True)
+  def _default_cases(self, request):
+    if request.node.name not in DEFAULT_CASES and not os.environ.get("CCE_JAX_SLOW_TESTS"):
+      pytest.skip("slow in the TPU interpreter; CCE_JAX_SLOW_TESTS=1 runs it")
+
+  def test_jit_eager_vmap_remat_agree(self, monkeypatch):
+    """The base's check with the kernels in Pallas's generic interpreter: jax.checkpoint cannot differentiate the
+    TPU interpreter's host callbacks (IO effects), which a compiled kernel does not have. (vmap in the TPU
+    interpreter: test_vmap_in_the_tpu_interpreter.)"""
+    monkeypatch.setattr(tpu_tiles, "interpret_params", lambda interpret: bool(interpret))
+    super().test_jit_eager_vmap_remat_agree()
+
+
+def test_vmap_in_the_tpu_interpreter():
+  """vmap adds a grid dimension to each kernel: the gradient of a vmapped loss equals the reference's."""
+  cfg = PallasTpuConfig(block_n=8, block_v=128, block_d=128, grad_block_n=8, grad_block_v=128, grad_block_d=128)
+  e, c, targets, _ = helpers.make_inputs(5, (3, 11), 24, 200)
+  loss = lambda impl, **kw: lambda e, c, t: cce_jax.linear_cross_entropy(e, c, t, softcap=5.0, implementation=impl,
+                                                                         **kw)
+  total = lambda f: lambda e, c: jnp.sum(jax.vmap(f, in_axes=(0, None, 0))(e, c, targets))
+  grads = jax.jit(jax.grad(total(loss("pallas_tpu", config=cfg, interpret=True)), argnums=(0, 1)))(e, c)
+  want = jax.grad(total(loss("reference")), argnums=(0, 1))(e, c)
+  for g, r in zip(grads, want):
+    assert helpers.rel_err(g, r) <= helpers.F32_RTOL
 
 
 def _loss_and_grads(impl, e, c, bias, targets, **kw):
@@ -48,10 +87,11 @@ def _loss_and_grads(impl, e, c, bias, targets, **kw):
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(e, c, bias)
 
 
-@pytest.mark.parametrize("n,d,v", [(29, 130, 257), (8, 256, 128), (5, 40, 300)])
+@pytest.mark.parametrize("n,d,v", [(29, 130, 257), (5, 40, 300)])
 def test_edge_blocks_in_every_dimension(n, d, v):
-  """Blocks of 8 × 128 × 128 (the smallest legal) over N, V, D that are not multiples of them (and, second, that
-  are), with bias, softcap and label smoothing: losses, LSE and gradients against the reference, all finite."""
+  """Blocks of 8 × 128 × 128 (the smallest legal) over N, V, D that are not multiples of them (two blocks of D,
+  three of V; then D and V inside one block), with bias, softcap and label smoothing: losses, LSE and gradients
+  against the reference, all finite."""
   cfg = PallasTpuConfig(block_n=8, block_v=128, block_d=128, grad_block_n=8, grad_block_v=128, grad_block_d=128)
   e, c, targets, bias = helpers.make_inputs(n + d + v, (n,), d, v, bias=True, ignore_frac=0.2)
   kw = dict(softcap=3.0, label_smoothing=0.1, z_loss=1e-3)
@@ -147,10 +187,42 @@ def test_kernels_lower_to_mosaic_for_tpu(dtype, monkeypatch):
   b, t = jax.ShapeDtypeStruct((v,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32)
   resolve = validation.resolve_implementation  # dispatch asks the default backend; the lowering targets a TPU
   monkeypatch.setattr(validation, "resolve_implementation", lambda *a, platform: resolve(*a, platform="tpu"))
-  loss = lambda e, c, b, t: cce_jax.linear_cross_entropy(
-      e, c, t, bias=b, softcap=30.0, label_smoothing=0.1, filter_eps=1e-4, implementation="pallas_tpu", config=cfg)
+  loss = lambda **kw: lambda e, c, b, t: cce_jax.linear_cross_entropy(
+      e, c, t, bias=b, softcap=30.0, z_loss=1e-4, implementation="pallas_tpu", config=cfg, **kw)
   logp = lambda e, c, t: sum(jnp.sum(x) for x in cce_jax.token_logprobs(
       e, c, t, temperature=0.8, return_entropy=True, implementation="pallas_tpu", config=cfg))
-  for fn, args in ((jax.grad(loss, argnums=(0, 1, 2)), (e, c, b, t)), (jax.grad(logp, argnums=(0, 1)), (e, c, t))):
+  for fn, args in ((jax.grad(loss(label_smoothing=0.1, filter_eps=None), argnums=(0, 1, 2)), (e, c, b, t)),
+                   (jax.grad(loss(filter_eps=1e-4), argnums=(0, 1, 2)), (e, c, b, t)),
+                   (jax.grad(logp, argnums=(0, 1)), (e, c, t))):
     text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
     assert text.count("tpu_custom_call") == 3, text[:2000]  # cce_tpu_fwd, cce_tpu_de, cce_tpu_dc
+
+
+def _check_vocabulary_split():
+  """In a process with two CPU devices: `cce_jax.sharded` with the classifier split over them through the TPU
+  kernels, against the reference on one device (label smoothing spans both devices' rows; z-loss, softcap, bias,
+  weights; the gradients of e, c and bias)."""
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(jax.devices()), ("model",))
+  assert len(jax.devices()) == 2
+  n, d, v = 20, 136, 400  # each device's 200 rows cross 128-row tile edges; D crosses a 128 block
+  e, c, targets, bias = helpers.make_inputs(3, (n,), d, v, ignore_frac=0.15, bias=True)
+  weights = jax.random.uniform(jax.random.key(4), (n,), minval=0.5, maxval=1.5)
+  opts = dict(weights=weights, label_smoothing=0.1, z_loss=1e-3, softcap=20.0)
+  cfg = PallasTpuConfig(block_n=8, block_v=128, block_d=128, grad_block_n=8, grad_block_v=128, grad_block_d=128)
+  split = lambda e, c, b: cce_jax.sharded.linear_cross_entropy(
+      e, c, targets, bias=b, mesh=mesh, vocab_axes="model", implementation="pallas_tpu", interpret=True,
+      config=cfg, **opts)
+  ref = lambda e, c, b: cce_jax.linear_cross_entropy(e, c, targets, bias=b, implementation="reference", **opts)
+  got = jax.jit(jax.value_and_grad(split, argnums=(0, 1, 2)))(e, c, bias)
+  want = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2)))(e, c, bias)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert helpers.rel_err(x, y) <= helpers.F32_RTOL, (x, y)
+
+
+def test_vocabulary_split_over_two_devices():
+  helpers.run_with_cpu_devices("""
+      from tests.ops.linear_cross_entropy import test_pallas_tpu as t
+      t._check_vocabulary_split()
+      print("OK")
+  """, devices=2)

@@ -1,10 +1,11 @@
 """The op's test base on the Mosaic TPU kernels of "pallas_tpu", in the TPU interpreter on CPU.
 
 The interpreter (`pltpu.InterpretParams`: races not checked, out-of-bounds reads raise) pads every edge block
-with NaN, so a block read past N, V or D that reached a result would show as NaN here. The tiles divide none of
-the test shapes. Beside the base: edge blocks in every dimension against the reference, the per-tile filter,
-the choice of "auto", and the kernels lowered to Mosaic for the TPU platform (`jax.export`), which checks that
-Mosaic accepts their shapes and operations without a TPU.
+with NaN, so a block read past N, V or D that reached a result would show as NaN here; the suite's tiles leave
+partial edge blocks at most test shapes. Beside the base: edge blocks in every dimension against the reference,
+the per-tile filter against NumPy, vmap, the vocabulary split over two devices, the config's checks, the choice
+of "auto", and the kernels lowered to Mosaic for the TPU platform (`jax.export`), which checks that Pallas's
+Mosaic lowering accepts their shapes and operations without a TPU.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import cce_jax
+from cce_jax.ops.linear_cross_entropy import tpu_config
 from cce_jax.ops.linear_cross_entropy import tpu_tiles
 from cce_jax.ops.linear_cross_entropy import validation
 from cce_jax.ops.linear_cross_entropy.tpu_config import PallasTpuConfig
@@ -62,6 +64,14 @@ class TestPallasTpuInterpret(LinearCrossEntropyTestBase):
     interpreter: test_vmap_in_the_tpu_interpreter.)"""
     monkeypatch.setattr(tpu_tiles, "interpret_params", lambda interpret: bool(interpret))
     super().test_jit_eager_vmap_remat_agree()
+
+
+def test_default_cases_name_base_cases(request):
+  """Every name in DEFAULT_CASES is a case of the base (a misspelt one would silently never run)."""
+  names = {item.name for item in request.session.items if item.cls is TestPallasTpuInterpret}
+  if len(names) < 54:
+    pytest.skip("the base's cases are not all collected in this run")
+  assert DEFAULT_CASES <= names, DEFAULT_CASES - names
 
 
 def test_vmap_in_the_tpu_interpreter():
@@ -172,8 +182,11 @@ def test_config_vmem_budget():
   assert cfg.tiles(4096, 5000, 4096)[:3] == (64, 1024, 512)
 
 
-def _export_for_tpu(fn, *args):
-  return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+@pytest.mark.parametrize("kind,generation", [("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"),
+                                             ("TPU v5", "v5p"), ("TPU v5p", "v5p"), ("TPU v6 lite", "v6e"),
+                                             ("TPU v6e", "v6e"), ("NVIDIA H200", None)])
+def test_generation_of_device_kind(kind, generation):
+  assert tpu_config.generation_of(kind) == generation
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

@@ -16,8 +16,9 @@ are alive at once (256 tokens at V = 49152: ~300 MB; at V = 2048: ~13 MB), never
 models' own activations ([batch, T, D] per layer, [batch, heads, T, T] attention) come on top. The per-token
 results (five fp32 numbers per token) are kept on the host for the median and percentiles.
 
-Precision: logits, softmax and every sum in fp32 (the models' hidden states and classifiers are upcast), per-token
-results fp32, summaries accumulated in float64 on the host.
+Precision: logits, softmax and every sum in fp32 (the models' hidden states and classifiers are upcast; the
+classifier products at HIGHEST precision, so no TF32 on GPUs: int8's KL can be ~1e-5), per-token results fp32,
+summaries accumulated in float64 on the host.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import numpy as np
 from flax import nnx
 
 from cce_jax.ops.linear_cross_entropy import token_logprobs
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def windows(tokens, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
@@ -105,7 +108,7 @@ def baseline(model_fp, tokens, *, seq_len: int | None = None, batch_size: int = 
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   wins = _as_windows(tokens, seq_len, max_tokens)
   forward = _jitted_forward(model_fp)
-  logprob_fn = jax.jit(lambda h, c, t: token_logprobs(h, c, t))
+  logprob_fn = jax.jit(lambda h, c, t: token_logprobs(h, c, t, exact=True))
   t0 = time.perf_counter()
   hidden, logprobs, c = [], [], None
   for win in _batches(wins, batch_size):
@@ -127,8 +130,8 @@ def _kl_and_top1(h_fp_NxD, c_fp_VxD, h_q_NxD, c_q_VxD, chunk):
 
   def one(args):
     a_hxD, b_hxD = args
-    logp = jax.nn.log_softmax(jnp.dot(a_hxD, c_fp_VxD.T, preferred_element_type=jnp.float32), axis=-1)
-    logq = jax.nn.log_softmax(jnp.dot(b_hxD, c_q_VxD.T, preferred_element_type=jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(jnp.dot(a_hxD, c_fp_VxD.T, precision=_HIGHEST, preferred_element_type=jnp.float32), -1)
+    logq = jax.nn.log_softmax(jnp.dot(b_hxD, c_q_VxD.T, precision=_HIGHEST, preferred_element_type=jnp.float32), -1)
     kl = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
     return kl, jnp.argmax(logp, axis=-1) == jnp.argmax(logq, axis=-1)
 
@@ -145,7 +148,7 @@ def _batch_fn(model_q, chunk):
     inputs, targets = windows_BxT1[:, :-1], windows_BxT1[:, 1:]
     h_q = m(inputs).astype(jnp.float32)
     c_q = m.classifier().astype(jnp.float32)
-    lp_q = token_logprobs(h_q, c_q, targets)
+    lp_q = token_logprobs(h_q, c_q, targets, exact=True)
     d = h_q.shape[-1]
     kl, same = _kl_and_top1(h_fp_BxTxD.reshape(-1, d), c_fp_VxD, h_q.reshape(-1, d), c_q, chunk)
     dp = jnp.exp(lp_q) - jnp.exp(lp_fp_BxT)

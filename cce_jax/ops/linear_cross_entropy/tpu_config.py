@@ -75,7 +75,8 @@ class PallasTpuConfig:
     grad_block_n, grad_block_v, grad_block_d: the backward's. Its dE kernel keeps an fp32 [grad_block_n, D] row
       block of dE in VMEM, its dC kernel an fp32 [grad_block_v, D] one.
     generation: "v4", "v5e", "v5p" or "v6e": the VMEM budget `check_vmem` holds the tiles to.
-    vmem_limit_bytes: Mosaic's scoped VMEM limit; None: the planned need plus a quarter, within the budget.
+    vmem_limit_bytes: Mosaic's scoped VMEM limit; None: the planned need plus a quarter (at least 16 MiB, at most
+      90% of the generation's VMEM).
 
   block_n and grad_block_n are multiples of 8, the others of 128 (the TPU's 8 x 128 tiles); a block at least
   as large as its dimension becomes the whole dimension (`tiles`), which any size may be.

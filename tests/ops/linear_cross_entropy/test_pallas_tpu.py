@@ -164,14 +164,15 @@ def test_config_rejects(config, error, match):
 
 
 def test_config_vmem_budget():
-  """The default tiles fit every generation's VMEM at the benchmark hidden sizes, multiples of the MXU width;
-  tiles that do not fit are refused in one line."""
+  """The default forward tiles sit above each generation's ridge point and, with the backward's, fit its VMEM at
+  the benchmark hidden sizes, in multiples of the MXU width; tiles that do not fit are refused in one line."""
   for generation in ("v4", "v5e", "v5p", "v6e"):
     for d in (2304, 4096, 8192):
       cfg = PallasTpuConfig.for_shape(8192, 256000, d, generation=generation)
       cfg.check_vmem(8192, 256000, d, 4)
       mxu = 256 if generation == "v6e" else 128
       assert cfg.block_n % mxu == 0 and cfg.grad_block_v % mxu == 0
+      assert min(cfg.block_n, cfg.block_v) >= tpu_config.GENERATIONS[generation].ridge  # above the ridge point
   with pytest.raises(ValueError, match=r"^PallasTpuConfig: the backward tiles need .* v4's 12 MiB budget; lower"):
     PallasTpuConfig(block_n=256, block_v=256, grad_block_n=1024, grad_block_v=1024,
                     generation="v4").check_vmem(8192, 256000, 4096, 2)

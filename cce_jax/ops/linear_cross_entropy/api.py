@@ -83,12 +83,12 @@ def linear_cross_entropy(
       GEMMs (the backend's tile; pallas_gpu's dense fallback on Hopper zeroes each 128-entry row of a
       tile). "auto": 2^-12 for 16-bit inputs without label smoothing, else off. None: off.
     exact: HIGHEST matmul precision, no gradient filtering, bitwise deterministic run to run.
-    implementation: "auto" (best available: "pallas_gpu" on NVIDIA GPUs, else "xla_chunked"), "pallas_gpu"
-      (Triton kernels), "xla_chunked" (blockwise XLA, any platform), "xla_fused" (XLA over row blocks of
-      logits with the gradient formed in the forward pass: three GEMMs instead of four, an fp32 [V, D]
-      accumulator, no filtering; reduction "mean"/"sum" only, no return_lse), "reference" (materialised logits,
-      for tests), "pallas_tpu" (Mosaic TPU kernels: every option, per-tile filtering in the backward; "auto"
-      picks it on TPUs; not yet measured on a TPU).
+    implementation: "auto" (best available: "pallas_gpu" on NVIDIA GPUs, "pallas_tpu" on TPUs, else
+      "xla_chunked"), "pallas_gpu" (Triton kernels), "xla_chunked" (blockwise XLA, any platform), "xla_fused"
+      (XLA over row blocks of logits with the gradient formed in the forward pass: three GEMMs instead of four, an
+      fp32 [V, D] accumulator, no filtering; reduction "mean"/"sum" only, no return_lse), "reference"
+      (materialised logits, for tests), "pallas_tpu" (Mosaic TPU kernels: every option, per-tile filtering in the
+      backward; not yet measured on a TPU).
     config: tile sizes: an `XlaChunkedConfig` for "xla_chunked" and "xla_fused" (rows per block: block_n), a
       `PallasGpuConfig` for "pallas_gpu", a `PallasTpuConfig` for "pallas_tpu" (default: the config class's
       `for_shape`).

@@ -57,6 +57,7 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "scipy>=1.13", "matplotlib>=3.8"],
         "plots": ["matplotlib>=3.8"],
         "gguf": ["gguf>=0.17"],
+        "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
     },
     license="Apache-2.0",
 )

@@ -13,9 +13,10 @@ Several processes (hosts) train one run through JAX's multi-controller runtime: 
 process with --distributed (cluster environments such as SLURM, TPU VMs or Kubernetes with a coordinator are
 detected by `jax.distributed.initialize`) or with --coordinator_address=HOST:PORT --num_processes=P
 --process_id=I. The mesh then spans every process's devices, each process feeds its rows of the global batch, and
-process 0 writes the metrics; --workdir must be the same shared directory for all. With --distributed,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment give the process count and id where no cluster provides
-them (launch/launch.py sets them: its local target, Kubernetes); docs/launch.md.
+process 0 writes the metrics; --workdir must be the same shared directory, or the same gs:// URL (checkpoints there,
+the tokenizer, metrics and plot copied there from a local folder; other URL schemes end the run with one line), for
+all. With --distributed, JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment give the process count and id where
+no cluster provides them (launch/launch.py sets them: its local target, Kubernetes); docs/launch.md.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ml_collections import config_flags
 import jax
 
 from cce_jax import data as data_lib
+from cce_jax.training import checkpoint as checkpoint_lib
 from cce_jax.training import trainer
 from cce_jax.training import validate as validate_lib
 
@@ -127,9 +129,8 @@ def _initialize_distributed():
 def main(argv):
   del argv
   _configure_logging()
-  if "://" in _WORKDIR.value:
-    _fail(f"--workdir={_WORKDIR.value}: URLs are not supported; give a path that every process can reach (a shared "
-          "file system, or a bucket mounted with gcsfuse)")
+  if problem := checkpoint_lib.check_storage(_WORKDIR.value):
+    _fail(problem)
   try:
     validate_lib.validate(_CONFIG.value)
     _initialize_distributed()

@@ -1,26 +1,107 @@
 """Orbax checkpoints of a training run: train state, data-iterator state and run metadata, saved asynchronously.
 
 Layout: {workdir}/checkpoints/{step}/{state,data,meta}. Orbax writes each step into a temporary folder and renames
-it when complete, so a run killed mid-save leaves no half step in `all_steps()`; a step that exists but cannot be
-read (files damaged or removed) is moved to {workdir}/unreadable_checkpoints/{step} (kept, never deleted) with a
-warning, and the next older one is restored; training then re-saves those steps.
+it when complete (on gs://, writes a commit file last), so a run killed mid-save leaves no half step in
+`all_steps()`; a step that exists but cannot be read (files damaged or removed) is moved to
+{workdir}/unreadable_checkpoints/{step} (kept, never deleted) with a warning, and the next older one is restored;
+training then re-saves those steps.
+
+workdir is a path (a shared file system when several hosts train one run) or a gs:// URL, reached through
+etils.epath (gcsfs or TensorFlow's gfile) and tensorstore's GCS driver; `check_storage` says in one line why a URL
+cannot work. A URL run keeps its small files (tokenizer, metrics, plots) in a local folder and copies them to and
+from the URL (`pull`, `push`), as object stores do not append.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
-import shutil
+import sys
+import tempfile
 
 import orbax.checkpoint as ocp
+from etils import epath
+
+# The run's small files, copied between a URL workdir and its local folder (TensorBoard events stay local). The
+# tokenizer's record comes first, as data.tokenizer saves them: a tokenizer without its record reads as an old one.
+TOKENIZER = ("tokenizer.trained_on.json", "tokenizer.json")
+METRICS = ("metrics/metrics.jsonl",)
+PLOT = ("plots/loss.png",)
+
+
+def is_url(path: str) -> bool:
+  return "://" in path
+
+
+def check_storage(workdir: str) -> str | None:
+  """None when checkpoints can go to workdir, else one line saying why not and what to do instead."""
+  if not is_url(workdir):
+    return None
+  scheme = workdir.split("://", 1)[0]
+  if scheme != "gs":
+    return (f"--workdir={workdir}: checkpoints go to a path (a shared file system for several hosts) or a gs:// URL; "
+            f"Orbax {ocp.__version__} writes arrays to no other URL scheme (mount the bucket, e.g. with "
+            "mountpoint-s3 or s3fs-fuse, and give its path)")
+  missing = [name for name, module in (("gcsfs", "gcsfs"), ("google-cloud-storage", "google.cloud.storage"))
+             if not _importable(module)]
+  if "gcsfs" in missing and (_importable("tensorflow") or _fsspec_knows("gcs")):
+    missing.remove("gcsfs")  # epath reaches gs:// through TensorFlow's gfile, or a registered fsspec filesystem
+  if missing:
+    return (f"--workdir={workdir}: gs:// needs {' and '.join(missing)} (pip install 'cce_jax[gcs]', or give a path "
+            "such as a bucket mounted with gcsfuse)")
+  return None
+
+
+def _importable(module: str) -> bool:
+  if module in sys.modules:
+    return True
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):  # a missing parent package
+    return False
+
+
+def _fsspec_knows(protocol: str) -> bool:
+  import fsspec  # pylint: disable=import-outside-toplevel
+  return protocol in fsspec.registry
+
+
+def local_folder(workdir: str) -> str:
+  """Where the run's small files live: workdir itself, or for a URL {tmp}/cce_jax_runs/{scheme}/{bucket}/{path}."""
+  if not is_url(workdir):
+    return workdir
+  scheme, rest = workdir.split("://", 1)
+  return os.path.join(tempfile.gettempdir(), "cce_jax_runs", scheme, rest.strip("/"))
+
+
+def pull(workdir: str, folder: str, names=TOKENIZER + METRICS):
+  """Copies the files `names` that the URL workdir has into the local folder, replacing local copies: the URL is
+  the run's record (the run may have gone on from another machine)."""
+  for name in names:
+    source, target = epath.Path(workdir) / name, os.path.join(folder, name)
+    if source.exists():
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      with open(target, "wb") as f:
+        f.write(source.read_bytes())
+
+
+def push(folder: str, workdir: str, names=TOKENIZER + METRICS + PLOT):
+  """Copies the files `names` that the local folder has to the URL workdir, replacing the URL's copies."""
+  for name in names:
+    source = os.path.join(folder, name)
+    if os.path.exists(source):
+      with open(source, "rb") as f:
+        (epath.Path(workdir) / name).write_bytes(f.read())
 
 
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for {"state": pytree, "data": dict, "meta": dict}."""
 
   def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.quarantine = os.path.join(os.path.abspath(workdir), "unreadable_checkpoints")
+    root = (workdir if is_url(workdir) else os.path.abspath(workdir)).rstrip("/")
+    self.directory = f"{root}/checkpoints"
+    self.quarantine = f"{root}/unreadable_checkpoints"
     self.every = every
     # The save policy is ours (every `every` steps and the last one); Orbax would also save the first step.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
@@ -49,13 +130,14 @@ class Checkpointer:
                         "one", step, self.directory, type(err).__name__, str(err)[:200], self.quarantine)
         unreadable.append(step)
     for step in unreadable:  # out of the way of the steps that will be saved again
-      os.makedirs(self.quarantine, exist_ok=True)
-      target = os.path.join(self.quarantine, str(step))
+      quarantine = epath.Path(self.quarantine)
+      quarantine.mkdir(parents=True, exist_ok=True)
+      target = quarantine / str(step)
       suffix = 0
-      while os.path.exists(target):
+      while target.exists():
         suffix += 1
-        target = os.path.join(self.quarantine, f"{step}.{suffix}")
-      shutil.move(os.path.join(self.directory, str(step)), target)
+        target = quarantine / f"{step}.{suffix}"
+      (epath.Path(self.directory) / str(step)).rename(target)
     if unreadable:
       self.manager.reload()
     return result

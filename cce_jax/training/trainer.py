@@ -109,11 +109,19 @@ def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
   stop_at: end this invocation after that step (saving it) as a preempted job would; the schedule still spans
   cfg.steps, so a later call continues the same run.
   ConfigError (a bad config or workdir) and data.DataError (e.g. workdir's tokenizer trained on other data) come
-  before anything runs.
+  before anything runs. A gs:// workdir holds the checkpoints; the tokenizer, metrics and plot are written in a local
+  folder (checkpoint.local_folder) and copied to the URL (metrics at every checkpoint).
   """
   validate(cfg)
-  _make_run_directory(cfg, workdir)
-  run = setup(cfg, workdir)
+  if problem := checkpoint_lib.check_storage(workdir):
+    raise ConfigError(problem)
+  folder, url = checkpoint_lib.local_folder(workdir), checkpoint_lib.is_url(workdir)
+  _make_run_directory(cfg, folder)
+  if url:
+    checkpoint_lib.pull(workdir, folder)
+  run = setup(cfg, folder)
+  if url and jax.process_index() == 0:
+    checkpoint_lib.push(folder, workdir, checkpoint_lib.TOKENIZER)
   _warn_without_validation(run)
   ckpt = checkpoint_lib.Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
                                      async_save=cfg.async_checkpoints)
@@ -135,7 +143,7 @@ def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
                f"{counts['total']:,}", f"{counts['non_embedding']:,}", jax.device_count(),
                jax.devices()[0].device_kind, jax.process_count(),
                "sharded (fsdp)" if cfg.fsdp else "replicated")
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+  writer = metrics_lib.MetricsWriter(folder, resume_step=start, enabled=jax.process_index() == 0)
   record, last_log, t_prev = {}, time.time(), time.time()
   end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
   if start >= end:
@@ -143,7 +151,7 @@ def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
       logging.info("step %d of %d is done already in %s: nothing to train", start, cfg.steps, ckpt.directory)
     else:
       logging.info("stop_at=%s: nothing to train past step %d", stop_at, start)
-    record = metrics_lib.record_at(workdir, start)
+    record = metrics_lib.record_at(folder, start)
   try:
     for step in range(start, end):
       batch = _batch_to_devices(next(run.batches), run.batch_sharding)
@@ -163,7 +171,8 @@ def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
         record.update(evaluate(run, run.state["params"]))
       record.update(_memory())
       writer.write(record)
-      ckpt.save(step + 1, run.state, run.batches.state(), meta, force=last)
+      if ckpt.save(step + 1, run.state, run.batches.state(), meta, force=last) and url and writer.enabled:
+        checkpoint_lib.push(folder, workdir, checkpoint_lib.METRICS)
       if last or now - last_log >= cfg.log_every_s:
         last_log = now
         logging.info("step %d/%d loss %.4f%s lr %.2e grad_norm %.3f %.0f tokens/s", step + 1, cfg.steps,
@@ -173,5 +182,7 @@ def train(cfg, workdir: str, *, stop_at: int | None = None) -> dict:
     ckpt.close()
     writer.close()
   if jax.process_index() == 0 and cfg.plot:
-    metrics_lib.plot_losses(workdir)
+    metrics_lib.plot_losses(folder)
+  if url and jax.process_index() == 0:
+    checkpoint_lib.push(folder, workdir)
   return record

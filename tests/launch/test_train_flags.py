@@ -1,5 +1,6 @@
-"""experiments/train.py's checks for multi-host runs: a --workdir URL, and a bad JAX_NUM_PROCESSES, end the run
-before it starts with one line (the process count and id from the environment run in test_multiprocess.py)."""
+"""experiments/train.py's checks for multi-host runs: a --workdir URL that Orbax cannot write to, and a bad
+JAX_NUM_PROCESSES, end the run before it starts with one line (the process count and id from the environment run
+in test_multiprocess.py; gs:// URLs in tests/training/test_checkpoint_urls.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("workdir, env, message", [
-    ("gs://bucket/run", {}, "--workdir=gs://bucket/run: URLs are not supported"),
+    ("s3://bucket/run", {}, "--workdir=s3://bucket/run: checkpoints go to a path"),
     ("{tmp}/run", {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' is not a non-negative integer"),
 ])
 def test_one_line_errors(workdir, env, message, tmp_path):

@@ -37,7 +37,7 @@ from benchmarks.linear_cross_entropy.inputs import make_inputs
 
 JAX_METHODS = ("naive", "xla_chunked", "xla_fused", "xla_fused_exact", "pallas_gpu", "pallas_gpu_sparse",
                "pallas_gpu_sorted", "pallas_gpu_triton", "pallas_gpu_lowmem", "pallas_gpu_full",
-               "pallas_gpu_full_recompute", "pallas_gpu_exact")
+               "pallas_gpu_full_recompute", "pallas_gpu_exact", "pallas_tpu", "pallas_tpu_filtered")
 METHODS = JAX_METHODS + torch_anchors.ANCHORS
 
 _SHAPES = flags.DEFINE_list("shapes", ["gemma2_2b"], f"Shapes from {sorted(SHAPES)}.")
@@ -190,6 +190,10 @@ def main(argv):
   methods = [m for m in _METHODS.value if m in JAX_METHODS or m in anchors]
   for m in sorted(set(_METHODS.value) - set(methods)):
     print(f"skipping {m}: torch with CUDA or its package is not importable here", flush=True)
+  platform = jax.default_backend()
+  for m in [m for m in methods if m.split("_")[0] == "pallas" and m.split("_")[1] != platform]:
+    methods.remove(m)
+    print(f"skipping {m}: its kernels need a {m.split('_')[1].upper()}, this is {platform}", flush=True)
   dtype = jnp.dtype(_DTYPE.value)
   device = jax.devices()[0].device_kind
   header = f"{device}, jax {jax.__version__}, commit {_commit()}, dtype {dtype.name}"

@@ -10,7 +10,7 @@ import cce_jax
 LOSS_IMPLEMENTATIONS = ("auto", "pallas_gpu", "xla_chunked", "xla_fused", "reference", "naive")
 
 
-def lm_loss(model, inputs_BxT, targets_BxT, *, implementation="auto", ignore_index=-100, filter_eps="auto",
+def lm_loss(model, inputs_BxT, targets_BxT, *, implementation="auto", ignore_index=-100, filter_eps=None,
             exact=False, mesh=None, batch_axes="data"):
   """Mean cross-entropy (fp32) over the targets that are not `ignore_index`, and the token count.
 

@@ -27,10 +27,10 @@ def naive_loss(e, c, targets, softcap):
 # the vocabulary sorted by mean logit first, "triton" with the Triton forward where Mosaic GPU's would run,
 # "full_recompute" filter_eps=None through the four-GEMM recomputing backward.
 _CONFIG_VARIANTS = {
-    "pallas_gpu_lowmem": (dict(low_memory=True), {}),
-    "pallas_gpu_sparse": (dict(dense_backward_above=1.0), {}),
-    "pallas_gpu_sorted": (dict(sort_vocabulary=True), {}),
-    "pallas_gpu_triton": (dict(forward_kernel="triton"), {}),
+    "pallas_gpu_lowmem": (dict(low_memory=True), dict(filter_eps="auto")),
+    "pallas_gpu_sparse": (dict(dense_backward_above=1.0), dict(filter_eps="auto")),
+    "pallas_gpu_sorted": (dict(sort_vocabulary=True), dict(filter_eps="auto")),
+    "pallas_gpu_triton": (dict(forward_kernel="triton"), dict(filter_eps="auto")),
     "pallas_gpu_full_recompute": (dict(forward_gradient="off"), dict(filter_eps=None)),
 }
 
@@ -44,15 +44,17 @@ def loss_fn(method, softcap):
 
     def variant(e, c, t):
       cfg = PallasGpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], softcap=softcap,
-                                      filtered=kw.get("filter_eps", "auto") is not None)
+                                      filtered=kw["filter_eps"] is not None)
       cfg = dataclasses.replace(cfg, **overrides)
       return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", config=cfg, **kw)
     return variant
   kw = {"reference": dict(implementation="reference"), "xla_chunked": dict(implementation="xla_chunked"),
         "xla_fused": dict(implementation="xla_fused"), "xla_fused_exact": dict(implementation="xla_fused", exact=True),
-        "pallas_gpu": dict(implementation="pallas_gpu"),
+        "pallas_gpu": dict(implementation="pallas_gpu", filter_eps="auto"),
         "pallas_gpu_full": dict(implementation="pallas_gpu", filter_eps=None),
-        "pallas_gpu_exact": dict(implementation="pallas_gpu", exact=True)}[method]
+        "pallas_gpu_exact": dict(implementation="pallas_gpu", exact=True),
+        "pallas_tpu": dict(implementation="pallas_tpu"),
+        "pallas_tpu_filtered": dict(implementation="pallas_tpu", filter_eps="auto")}[method]
   return lambda e, c, t: linear_cross_entropy(e, c, t, softcap=softcap, **kw)
 
 

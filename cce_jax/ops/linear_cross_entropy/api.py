@@ -26,7 +26,7 @@ def linear_cross_entropy(
     weights: Float[Array, "*B"] | None = None,
     z_loss: float = 0.0,
     return_lse: bool = False,
-    filter_eps: float | Literal["auto"] | None = "auto",
+    filter_eps: float | Literal["auto"] | None = None,
     exact: bool = False,
     implementation: str | None = "auto",
     config: XlaChunkedConfig | PallasGpuConfig | PallasTpuConfig | None = None,
@@ -79,9 +79,11 @@ def linear_cross_entropy(
       checked: under jit they are not known.
     z_loss: coefficient >= 0 of the auxiliary z-loss z_loss·lse² (PaLM), added per non-ignored token.
     return_lse: also return the per-token LSE [*B] (fp32, differentiable; computed at every position).
-    filter_eps: gradient filtering: a tile whose |softmax - onehot| is below this everywhere skips its gradient
-      GEMMs (the backend's tile; pallas_gpu's dense fallback on Hopper zeroes each 128-entry row of a
-      tile). "auto": 2^-12 for 16-bit inputs without label smoothing, else off. None: off.
+    filter_eps: gradient filtering, opt-in: a tile whose |softmax - onehot| is below this everywhere skips its
+      gradient GEMMs (the backend's tile; where pallas_gpu's filter would keep most tiles it computes them all,
+      the full gradient). "auto": 2^-12 for 16-bit inputs without label smoothing, else off. None (the
+      default): the full gradient. Filtering pays on peaked softmaxes only; on a trained LM's broad softmax it
+      is slower than the full gradient on Hopper and trains to a worse loss (docs/filtering.md).
     exact: HIGHEST matmul precision, no gradient filtering, bitwise deterministic run to run.
     implementation: "auto" (best available: "pallas_gpu" on NVIDIA GPUs, "pallas_tpu" on TPUs, else
       "xla_chunked"), "pallas_gpu" (Triton kernels), "xla_chunked" (blockwise XLA, any platform), "xla_fused"

@@ -31,7 +31,7 @@ def cache_path(path: str | None = None) -> str:
   return os.path.expanduser(path or os.environ.get("CCE_JAX_AUTOTUNE_CACHE", "~/.cache/cce_jax/autotune.json"))
 
 
-def cache_key(e, c, *, softcap=None, filter_eps="auto") -> str:
+def cache_key(e, c, *, softcap=None, filter_eps=None) -> str:
   """device kind | N | V | D | e dtype | c dtype | softcap | gradient mode, for e [*B, D] and c [V, D]."""
   n = int(np.prod(e.shape[:-1]))
   v, d = c.shape
@@ -65,13 +65,13 @@ def _read(path):
     return {}  # an unreadable cache is a cold cache: it is rewritten on the next tuning
 
 
-def lookup(e, c, *, softcap=None, filter_eps="auto", path=None) -> PallasGpuConfig | None:
+def lookup(e, c, *, softcap=None, filter_eps=None, path=None) -> PallasGpuConfig | None:
   """The cached winner for these inputs' shape, dtypes, device and options, or None."""
   entry = _read(cache_path(path)).get(cache_key(e, c, softcap=softcap, filter_eps=filter_eps))
   return None if entry is None else PallasGpuConfig(**entry["config"])
 
 
-def autotune(e, c, targets, *, softcap=None, filter_eps="auto", candidates=None, repeats: int = 5,
+def autotune(e, c, targets, *, softcap=None, filter_eps=None, candidates=None, repeats: int = 5,
              path: str | None = None, interpret: bool = False,
              timer: Callable | None = None) -> PallasGpuConfig:
   """Times `candidates` (default `default_candidates`) for loss + gradient on (e [*B, D], c [V, D], targets [*B]),

@@ -124,13 +124,15 @@ class LinearCrossEntropyTestBase:
       ("softcap_bias", dict(softcap=30.0, bias=True)),
       ("smoothing_zloss", dict(label_smoothing=0.1, z_loss=1e-3)),
       ("peaked_ignore", dict(regime="peaked", ignore_frac=0.2)),
+      ("peaked_ignore_filtered", dict(regime="peaked", ignore_frac=0.2, filter_eps="auto")),
   ])
   def test_low_precision_no_worse_than_naive(self, dtype, name, options):
     del name
     opts = dict(options)
     flags = {k: opts.pop(k) for k in ("bias", "ignore_frac", "regime") if k in opts}
+    mode = {k: opts.pop(k) for k in ("filter_eps",) if k in opts}  # the op's only, not the oracles'
     params, targets = self.params((48,), 136, 3001, dtype, seed=3, **flags)
-    loss, _, grads = self.run(params, targets, **opts)
+    loss, _, grads = self.run(params, targets, **opts, **mode)
     ref_loss, _, ref_grads = self.run(helpers.upcast(params), targets, implementation="reference", **opts)
 
     r = self.cotangent(())
@@ -286,7 +288,8 @@ class LinearCrossEntropyTestBase:
     # Per-token losses with unequal cotangents: every filter setting runs the same (recomputing) backward. (A
     # reduced loss without filtering may form its gradient in the forward pass instead: checked last.)
     run = lambda **kw: self.run(params, targets, reduction="none", **kw)[2]
-    exact, unfiltered, auto, tiny = run(exact=True), run(filter_eps=None), run(), run(filter_eps=1e-30)
+    exact, unfiltered, tiny = run(exact=True), run(filter_eps=None), run(filter_eps=1e-30)
+    auto, default = run(filter_eps="auto"), run()
     everything = run(filter_eps=2.0)  # |softmax - onehot| <= 1 < 2 everywhere
     for g in everything.values():
       np.testing.assert_array_equal(g, 0.0)
@@ -295,6 +298,7 @@ class LinearCrossEntropyTestBase:
       # may round the 16-bit d(logits) differently inside the filter's branch. A skipped tile would be far
       # above this bound.
       assert helpers.rel_err(tiny[k], unfiltered[k]) < 1e-3, k
+      assert helpers.rel_err(default[k], unfiltered[k]) < 1e-3, k  # the default filters nothing
       assert helpers.rel_err(auto[k], exact[k]) < 1e-2, k
     reduced, reduced_exact = self.run(params, targets, filter_eps=None)[2], self.run(params, targets, exact=True)[2]
     for k in reduced:

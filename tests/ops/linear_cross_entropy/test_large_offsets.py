@@ -295,9 +295,11 @@ def _config(low_memory):
 
 MODES = {  # the op's kernels in each mode: the forward, and the tile-skipping backwards
     "filtered": lambda e, c, t: cce_jax.linear_cross_entropy(
-        e, c, t, softcap=30.0, implementation="pallas_gpu", config=_config(False), interpret=True),
+        e, c, t, softcap=30.0, implementation="pallas_gpu", config=_config(False), filter_eps="auto",
+        interpret=True),
     "filtered_low_memory": lambda e, c, t: cce_jax.linear_cross_entropy(
-        e, c, t, softcap=30.0, implementation="pallas_gpu", config=_config(True), interpret=True),
+        e, c, t, softcap=30.0, implementation="pallas_gpu", config=_config(True), filter_eps="auto",
+        interpret=True),
     # five vocabulary splits, one loop over (vocabulary tile, D chunk) pairs
     "logprobs_splits_flat_loop": lambda e, c, t: jnp.sum(cce_jax.token_logprobs(
         e, c, t, temperature=0.7, return_entropy=True, implementation="pallas_gpu", interpret=True,

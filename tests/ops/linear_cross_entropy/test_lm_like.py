@@ -149,3 +149,14 @@ def test_bench_loss_reports_the_regime(tmp_path):
   assert row["regime"] == "lm_like" and row["lm_like_entropy"] == 4.0
   assert row["regime_entropy"] == pytest.approx(4.0, abs=0.3)
   assert {"regime_loss", "regime_entries_kept", "regime_tiles_kept", "regime_mass_below"} <= set(row)
+
+
+def test_bench_loss_skips_kernels_of_another_platform(tmp_path):
+  """On CPU the pallas_gpu and pallas_tpu methods are skipped with a line each; the others still run."""
+  cmd = [sys.executable, "experiments/bench_loss.py", "--shapes=tiny", "--regimes=random",
+         "--methods=naive,pallas_gpu_full,pallas_tpu", "--repeats=1", "--noaccuracy", f"--out={tmp_path}"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  assert "skipping pallas_gpu_full: its kernels need a GPU, this is cpu" in out
+  assert "skipping pallas_tpu: its kernels need a TPU, this is cpu" in out
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  assert [r["method"] for r in rows] == ["naive"]

@@ -51,7 +51,7 @@ def test_filtered_backward_paths(threshold, expect):
   cfg = PallasGpuConfig(block_n=16, block_v=64, block_d=16, num_splits=2, dense_backward_above=threshold,
                         low_memory=False, grad_block_n=16)
   loss = lambda impl, **kw: lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, implementation=impl, **kw)
-  grads = jax.grad(loss("pallas_gpu", config=cfg, interpret=True), argnums=(0, 1))(e, c)
+  grads = jax.grad(loss("pallas_gpu", config=cfg, filter_eps="auto", interpret=True), argnums=(0, 1))(e, c)
   full = jax.grad(loss("reference"), argnums=(0, 1))(e.astype(jnp.float32), c.astype(jnp.float32))
   de, dc, kept = _tile_filtered_grads(e, c, targets, 2.0 ** -12, 16, 64)
   assert 0.02 < kept < 0.9

@@ -53,7 +53,7 @@ def table1():
 @pytest.mark.parametrize("mode", ["filtered", "exact"])
 def test_table1_shape_against_reference(table1, mode):
   e, c, targets, softcap, ref = table1
-  kw = dict(exact=True) if mode == "exact" else {}
+  kw = dict(exact=True) if mode == "exact" else dict(filter_eps="auto")
   out = _loss_and_grads(e, c, targets, softcap, implementation="pallas_gpu", **kw)
   err_loss, err_de, err_dc = _errors(out, ref)
   rtol = EXACT_GRAD_RTOL if mode == "exact" else FILTERED_GRAD_RTOL
@@ -65,8 +65,8 @@ def test_table1_shape_against_reference(table1, mode):
 def test_bitwise_deterministic(mode):
   """Exact mode (dense GEMMs) and the filtered tile-skipping backward (no atomics) repeat bitwise."""
   e, c, targets = inputs.make_inputs(3000, 1000, 50021, jnp.bfloat16, "peaked", seed=2)
-  kw = dict(exact=True) if mode == "exact" else dict(config=cce_jax.PallasGpuConfig(dense_backward_above=1.0,
-                                                                                                low_memory=False))
+  tiles = cce_jax.PallasGpuConfig(dense_backward_above=1.0, low_memory=False)
+  kw = dict(exact=True) if mode == "exact" else dict(filter_eps="auto", config=tiles)
   runs = [_loss_and_grads(e, c, targets, 30.0, implementation="pallas_gpu", **kw) for _ in range(2)]
   for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
     np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))

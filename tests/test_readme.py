@@ -12,7 +12,7 @@ TEST_COMMAND = ".venv/bin/python -m pytest -n 2 -q tests"
 # Pages whose python examples run here, whose lines stay within 120 characters and whose length is capped.
 PAGES = {"README.md": 120, "BENCHMARKS.md": 260, "docs/README.md": None, "docs/linear_cross_entropy.md": None,
          "docs/filtering.md": None, "docs/sharding.md": None, "docs/scaling.md": None,
-         "docs/benchmark_log.md": None}
+         "docs/benchmark_log.md": None, "docs/quantization.md": None, "docs/launch.md": None}
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -32,7 +32,8 @@ def test_readme_example_runs():
     exec(compile(block, "README.md", "exec"), {})  # pylint: disable=exec-used
 
 
-@pytest.mark.parametrize("page", ["docs/linear_cross_entropy.md", "docs/sharding.md", "docs/scaling.md"])
+@pytest.mark.parametrize("page", ["docs/linear_cross_entropy.md", "docs/sharding.md", "docs/scaling.md",
+                                  "docs/quantization.md"])
 def test_docs_examples_run(page):
   blocks = re.findall(r"```python\n(.*?)```", _text(page), flags=re.S)
   assert blocks, f"{page} has no python example"

@@ -10,10 +10,10 @@ contraction axis 0) fed by activations x [N, in]:
    over all their outputs and divided by the total output count. The α of least loss wins (the first on ties, so
    α = 0, s = 1, is plain RTN).
 2. Clip search (on W·s and x / s). On a strided token subsample (every ⌈N / 512⌉-th token, at most 512), for each
-   output channel and group of g input channels, the shrink ratio r ∈ {1.0, 0.95, …, 0.55} (llm-awq's n_grid=20,
-   max_shrink=0.5) that minimises that group's partial-output MSE mean_n (x_g · (w_g − Q(clip(w_g, ±r·max|w_g|))))²
-   is kept; W·s is clipped to ±r·max|w_g| per group. r = 1 leaves the group unchanged, so the sum of the
-   per-group errors never exceeds RTN's.
+   output channel and group of g input channels, the shrink ratio r ∈ {1.0, 0.95, …, 0.55} (llm-awq's
+   n_grid=20, max_shrink=0.5) that minimises that group's partial-output MSE
+   mean_n (x_g · (w_g − Q(clip(w_g, ±r·max|w_g|))))² is kept; W·s is clipped to ±r·max|w_g| per group. r = 1
+   leaves the group unchanged, so the sum of the per-group errors never exceeds RTN's.
 
 The result is `quantize(clip(W·s), fmt, axis=0, group_size=group_size)`: the same format and layout as RTN. The
 scale s must be folded into the op that produces x (x ← x / s; `fold_scale`, below) so that
@@ -25,10 +25,11 @@ QArray keeps W's dtype.
 Folding (`fold_scale`, `scale_input`). A scale s over the input channels of the next kernels W is exact in full
 precision when the producer of x divides its output channels by s and W's input rows are multiplied by s:
 
-- RMSNorm → q/k/v and RMSNorm → gate/up (w1, w3): norm.scale / s (s [D]), then wq, wk, wv (or w1, w3) · s on axis 0;
+- RMSNorm → q/k/v and RMSNorm → gate/up (w1, w3): norm.scale / s (s [D]), wq, wk, wv (or w1, w3) · s on axis 0;
 - up → down: w3[:, f] / s_f (the SwiGLU product silu(x w1) · (x w3) is linear in x w3), w2 · s on axis 0 (s [F]);
 - v → o, only without grouped-query attention (KV == H): wv [D, H, K] / s over (H, K), wo [H, K, D] · s on its
-  leading (H, K) axes (s [H·K]); with KV < H one v head feeds several o heads and no per-channel fold is exact.
+  leading (H, K) axes (s [H·K]). With KV < H each v channel feeds H / KV heads of o, so one scale would have to
+  serve all of them; like llm-awq, that fold is not offered.
 """
 
 from __future__ import annotations

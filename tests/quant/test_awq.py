@@ -29,7 +29,7 @@ def _err(x, s, q, w):
   return np.mean((xs @ np.concatenate(qs, axis=1) - x @ w.reshape(w.shape[0], -1)) ** 2)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int3"])
+@pytest.mark.parametrize("fmt", ["int4", "int3", "uint4"])
 def test_awq_beats_rtn_and_clip_helps(fmt):
   x, w = _layer()
   rtn = quant.quantize(w, fmt, axis=0, group_size=32)
@@ -77,6 +77,15 @@ def test_scale_search_matches_float64_numpy_transcription():
   assert losses[chosen] <= losses.min() * (1 + 1e-3)
   expected = np.maximum(m ** (chosen / 20), 1e-4)
   np.testing.assert_allclose(np.asarray(s), expected / np.sqrt(expected.max() * expected.min()), rtol=1e-4)
+
+
+def test_act_mean_from_a_longer_stream_is_used():
+  x, w = _layer(seed=5)
+  s, q = quant.awq(w, x, "int4", group_size=32)
+  s1, q1 = quant.awq(w, x, "int4", group_size=32, act_mean=np.mean(np.abs(x), axis=0))
+  np.testing.assert_allclose(np.asarray(s1), np.asarray(s), rtol=1e-6)
+  s2, _ = quant.awq(w, x, "int4", group_size=32, grid=2, act_mean=np.ones(128, np.float32))
+  np.testing.assert_array_equal(np.asarray(s2), np.ones(128, np.float32))  # m = 1: every α gives s = 1
 
 
 def test_joint_kernels_share_one_scale():

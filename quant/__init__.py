@@ -26,6 +26,12 @@ from cce_jax.quant.evaluate import Baseline, baseline, evaluate  # pylint: disab
 
 __all__ += ["Baseline", "baseline", "evaluate"]
 
+# GPTQ (quant/gptq.py) and its Hessian accumulator (quant/hessian.py).
+from cce_jax.quant.gptq import gptq  # pylint: disable=g-import-not-at-top
+from cce_jax.quant.hessian import HessianState, hessian_init, hessian_update  # pylint: disable=g-import-not-at-top
+
+__all__ += ["HessianState", "gptq", "hessian_init", "hessian_update"]
+
 # Calibrated per-layer methods: AWQ (scale and clip search, folding) and SmoothQuant (quant/awq.py, smoothquant.py).
 from cce_jax.quant.awq import awq, fold_scale, scale_input  # pylint: disable=g-import-not-at-top
 from cce_jax.quant.smoothquant import smoothquant_scales, w8a8_matmul  # pylint: disable=g-import-not-at-top

@@ -37,3 +37,8 @@ from cce_jax.quant.awq import awq, fold_scale, scale_input  # pylint: disable=g-
 from cce_jax.quant.smoothquant import smoothquant_scales, w8a8_matmul  # pylint: disable=g-import-not-at-top
 
 __all__ += ["awq", "fold_scale", "scale_input", "smoothquant_scales", "w8a8_matmul"]
+
+# Block-by-block calibration of a decoder and the calibrated methods (quant/calibrate.py).
+from cce_jax.quant.calibrate import calibrated_quantize, calibration_stats  # pylint: disable=g-import-not-at-top
+
+__all__ += ["calibrated_quantize", "calibration_stats"]

@@ -12,8 +12,11 @@ see cce_jax/quant/eval_sources.py (repository: quant/eval_sources.py).
 Each recipe (`cce_jax.quant.recipes`: int8, int4_g128, uint4_g128, fp8_e4m3, mxfp4, nvfp4, nf4; --recipes=all)
 quantizes the decoder blocks' kernels (embeddings, norms and the head stay in full precision); the quantized model
 is compared with the full-precision one by `cce_jax.quant.evaluate` (perplexity, KL divergence, top-1 agreement,
-RMS Δp). One progress line per recipe; OUT/results.json, OUT/results.md and OUT/perplexity_vs_bits.png
-(matplotlib) are written at the end. Rows and their fields: docs/quantization.md.
+RMS Δp). Calibrated recipes (`cce_jax.quant.calib_recipes`, named one by one: gptq_w4_g128, gptq_w4_g128_act,
+awq_w4_g128, awq_gptq_w4_g128, the same with w3, and rtn_w4_g128 / rtn_w3_g128 to compare with) are calibrated on
+--calib_tokens held-out tokens that are not scored: those after the --eval_tokens scored ones, or the last ones of
+the stream without --eval_tokens. One progress line per recipe; OUT/results.json, OUT/results.md and
+OUT/perplexity_vs_bits.png (matplotlib) are written at the end. Rows and their fields: docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from absl import flags
 from absl import logging
 import jax
 
+from cce_jax.quant import calib_recipes
 from cce_jax.quant import eval_recipes
 from cce_jax.quant import eval_sources
 
@@ -41,6 +45,8 @@ _EVAL_TOKENS = flags.DEFINE_integer("eval_tokens", None, "Held-out tokens to sco
                                     "whole validation split of a run, 4096 for smollm2-135m).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Window length (default: the run's seq_len; 512 for SmolLM2).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+_CALIB = flags.DEFINE_integer("calib_tokens", 4096, "Calibration tokens for the calibrated recipes (held-out "
+                              "tokens that are not scored).")
 _CHUNK = flags.DEFINE_integer("chunk_tokens", 256, "Tokens whose full logits are formed at once for KL / top-1.")
 flags.mark_flags_as_required(["out"])
 
@@ -79,12 +85,14 @@ def _device():
   return f"{name}, {os.cpu_count()} cores visible (cpu)"
 
 
-def _source():
+def _source(calib: int = 0):
+  """The source; with calib > 0 its stream also holds that many calibration tokens (calib_recipes)."""
   if (_WORKDIR.value is None) == (_MODEL.value is None):
     raise app.UsageError("give exactly one of --workdir and --model")
   if _WORKDIR.value is not None:
-    return eval_sources.from_workdir(_WORKDIR.value, max_tokens=_EVAL_TOKENS.value)
-  return eval_sources.smollm2_135m(seq_len=_SEQ_LEN.value or 512, max_tokens=_EVAL_TOKENS.value or 4096)
+    extra = None if _EVAL_TOKENS.value is None else _EVAL_TOKENS.value + calib
+    return eval_sources.from_workdir(_WORKDIR.value, max_tokens=extra)
+  return eval_sources.smollm2_135m(seq_len=_SEQ_LEN.value or 512, max_tokens=(_EVAL_TOKENS.value or 4096) + calib)
 
 
 def main(argv):
@@ -95,7 +103,12 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
     names = eval_recipes.resolve(_RECIPES.value)
-    source = _source()
+    calib = _CALIB.value if any(calib_recipes.needs_calibration(n) for n in names) else 0
+    source = _source(calib)
+    calib_tokens = None
+    if calib:
+      eval_tokens = _EVAL_TOKENS.value if _WORKDIR.value is not None else _EVAL_TOKENS.value or 4096
+      source.tokens, calib_tokens = calib_recipes.split_calibration(source.tokens, eval_tokens, calib)
   except (ValueError, FileNotFoundError, ImportError) as err:
     _fail(err)
   seq_len = _SEQ_LEN.value or source.seq_len
@@ -104,6 +117,9 @@ def main(argv):
           "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "command": " ".join(["python", "experiments/quantize.py"] + sys.argv[1:])}
   print(f"{source.description}; {len(source.tokens) - 1} held-out tokens in windows of {seq_len}", flush=True)
+  if calib_tokens is not None:
+    meta["calibration"] = f"{len(calib_tokens)} held-out tokens that are not scored"
+    print(meta["calibration"], flush=True)
 
   def on_batch(recipe, p):
     logging.log_every_n_seconds(logging.INFO, "%s: batch %d/%d (%d tokens, %.0f s)", 30, recipe, p["batch"],
@@ -111,7 +127,7 @@ def main(argv):
 
   try:
     rows = eval_recipes.compare(source.model, source.tokens, names, seq_len=seq_len, batch_size=_BATCH.value,
-                                chunk_tokens=_CHUNK.value, on_batch=on_batch,
+                                chunk_tokens=_CHUNK.value, on_batch=on_batch, calib_tokens=calib_tokens,
                                 on_row=lambda i, n, row: print(eval_recipes.progress_line(i, n, row), flush=True))
   except ValueError as err:
     _fail(err)

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cce_jax.quant import calib_recipes
 from cce_jax.quant import params as params_lib
 from cce_jax.quant import recipes as recipes_lib
 from cce_jax.quant.evaluate import baseline as make_baseline
@@ -42,15 +43,18 @@ BASELINE = "fp (baseline)"
 
 
 def resolve(names: str | list[str]) -> list[str]:
-  """"all" or comma-separated names (or a list) as known recipe names; ValueError naming an unknown one."""
+  """"all" or comma-separated names (or a list) as known recipe names; ValueError naming an unknown one.
+
+  "all" means the RTN recipes (`quant.recipes`); the calibrated ones (`quant.calib_recipes`) are named one by one."""
   if isinstance(names, str):
     names = list(recipes_lib.names()) if names.strip() == "all" else [n.strip() for n in names.split(",")]
   names = [n for n in names if n]
   if not names:
     raise ValueError("no recipe given (names, comma-separated, or 'all')")
-  unknown = [n for n in names if n not in recipes_lib.names()]
+  unknown = [n for n in names if n not in recipes_lib.names() + calib_recipes.names()]
   if unknown:
-    raise ValueError(f"unknown recipe {unknown[0]!r}; known: {', '.join(recipes_lib.names())} (or 'all')")
+    raise ValueError(f"unknown recipe {unknown[0]!r}; known: {', '.join(recipes_lib.names())} (or 'all'); "
+                     f"calibrated: {', '.join(calib_recipes.names())}")
   return names
 
 
@@ -74,7 +78,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
 def fitted_rules(params, name: str) -> tuple[tuple, list[str]]:
   """The named recipe's rules, and in front of them one rule per parameter whose int group size does not divide its
   contraction axis (module docstring); also the notes, one per (pattern, axis size, new group)."""
-  rules = recipes_lib.get(name)
+  rules = recipes_lib.get(name) if name in recipes_lib.names() else calib_recipes.rules(name)
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   extra, notes = [], {}
   for path, x in leaves:
@@ -96,12 +100,18 @@ def fitted_rules(params, name: str) -> tuple[tuple, list[str]]:
 
 def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_size: int = 8,
             chunk_tokens: int = 256, on_row: Callable[[int, int, dict], None] | None = None,
-            on_batch: Callable[[str, dict], None] | None = None) -> list[dict]:
+            on_batch: Callable[[str, dict], None] | None = None, calib_tokens=None) -> list[dict]:
   """Rows (module docstring) for the baseline and each recipe in `recipe_names`, on `tokens` (as `evaluate`).
+
+  Calibrated recipes (`quant.calib_recipes`: gptq_*, awq_*) are calibrated on `calib_tokens` (token ids that
+  `tokens` does not hold; `calib_recipes.split_calibration`); their rows' seconds include the calibration.
 
   on_row(i, n, row) is called after each row (i = 0 for the baseline); on_batch(recipe, progress) after each batch.
   """
   names = resolve(recipe_names)
+  calibrated = [n for n in names if calib_recipes.needs_calibration(n)]
+  if calibrated and calib_tokens is None:
+    raise ValueError(f"recipe {calibrated[0]!r} needs calibration tokens")
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   base = make_baseline(model, tokens, seq_len=seq_len, batch_size=batch_size)
   n_tokens = int(base.windows.shape[0] * (base.windows.shape[1] - 1))
@@ -118,7 +128,11 @@ def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_si
   for i, name in enumerate(names, 1):
     t0 = time.perf_counter()
     rules, notes = fitted_rules(params, name)
-    qparams = params_lib.quantize_params(params, rules)
+    if calib_recipes.needs_calibration(name):
+      qmodel = calib_recipes.quantize(model, name, calib_tokens, seq_len=seq_len, batch_size=batch_size)
+      qparams = nnx.to_pure_dict(nnx.state(qmodel, nnx.Param))
+    else:
+      qparams = params_lib.quantize_params(params, rules)
     report = params_lib.size_report(params, qparams)
     model_q = _with_params(model, params_lib.dequantize_params(qparams))
     res = evaluate(base, model_q, base.windows, chunk_tokens=chunk_tokens,

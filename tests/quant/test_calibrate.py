@@ -16,7 +16,7 @@ from cce_jax.quant import calib_block
 from cce_jax.quant import calibrate
 from cce_jax.quant import recipes
 
-CFG = models.Config(V=64, D=64, H=4, KV=4, L=2, F=128, T=32, dtype="float32")
+CFG = models.Config(V=64, D=64, H=4, KV=4, L=2, F=128, T=32, dtype="float32", init_std=0.15)
 
 
 def _model(cfg=CFG, seed=0):
@@ -43,6 +43,14 @@ def model():
 @pytest.fixture(scope="module")
 def gptq_model(model):
   return calibrate.calibrated_quantize(model, _tokens(8 * 32), "gptq", "int3", group_size=32, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+  """(the full-precision baseline on held-out windows, RTN int3 g32's mean KL)."""
+  base = quant.baseline(model, _tokens(8 * 32 + 1, seed=7), seq_len=32)
+  rtn = quant.quantize_model(model, recipes.decoder_rules("int3", 32))
+  return base, quant.evaluate(base, rtn, base.windows)["kl_mean"]
 
 
 def test_block_pieces_equal_the_block(model):
@@ -73,7 +81,7 @@ def test_hessians_equal_2xtx_over_n_of_captured_inputs(model):
 
 @pytest.mark.parametrize("kv", [4, 2])
 def test_awq_fold_leaves_the_full_precision_logits_unchanged(kv):
-  cfg = models.Config(V=64, D=64, H=4, KV=kv, L=2, F=128, T=32, dtype="float32")
+  cfg = models.Config(V=64, D=64, H=4, KV=kv, L=2, F=128, T=32, dtype="float32", init_std=0.15)
   model = _model(cfg)
   windows = _tokens(64).reshape(2, 32)
   before = _logits(model, windows)
@@ -94,8 +102,8 @@ def test_calibrated_qarrays_have_the_rtn_layout(model, gptq_model):
   rtn = quant.quantize_model(model, recipes.decoder_rules("int3", 32))
   for k in range(CFG.L):
     for path in ("attn/wq", "attn/wk", "attn/wv", "attn/wo", "mlp/w1", "mlp/w3", "mlp/w2"):
-      get = lambda m: calibrate._read(calibrate._get(m.blocks[k], path))  # pylint: disable=protected-access,cell-var-from-loop
-      q, r = get(gptq_model), get(rtn)
+      q, r = (calibrate._read(calibrate._get(m.blocks[k], path))  # pylint: disable=protected-access
+              for m in (gptq_model, rtn))
       assert isinstance(q, quant.QArray) and jax.tree.structure(q) == jax.tree.structure(r), path
       assert [a.shape for a in jax.tree.leaves(q)] == [a.shape for a in jax.tree.leaves(r)], path
 
@@ -109,21 +117,19 @@ def test_gptq_to_2d_and_back_is_rtn_for_an_identity_hessian():
     np.testing.assert_array_equal(q.dequantize(), quant.quantize(w, "int4", axis=1, group_size=g).dequantize())
 
 
-def test_gptq_calibration_beats_rtn(model, gptq_model):
-  windows = _tokens(8 * 32 + 1, seed=7)  # held out from the calibration tokens
-  rtn = quant.quantize_model(model, recipes.decoder_rules("int3", 32))
-  kl_gptq = quant.evaluate(model, gptq_model, windows, seq_len=32)["kl_mean"]
-  kl_rtn = quant.evaluate(model, rtn, windows, seq_len=32)["kl_mean"]
+def test_gptq_calibration_beats_rtn(gptq_model, reference):
+  base, kl_rtn = reference  # held-out windows (another seed than the calibration tokens)
+  kl_gptq = quant.evaluate(base, gptq_model, base.windows)["kl_mean"]
   assert kl_gptq < 0.8 * kl_rtn, (kl_gptq, kl_rtn)
 
 
-def test_awq_calibration_beats_rtn(model):
-  awq_model = calibrate.calibrated_quantize(model, _tokens(8 * 32), "awq", "int3", group_size=32, batch_size=8)
-  windows = _tokens(8 * 32 + 1, seed=7)
-  rtn = quant.quantize_model(model, recipes.decoder_rules("int3", 32))
-  kl_awq = quant.evaluate(model, awq_model, windows, seq_len=32)["kl_mean"]
-  kl_rtn = quant.evaluate(model, rtn, windows, seq_len=32)["kl_mean"]
-  assert kl_awq < kl_rtn, (kl_awq, kl_rtn)
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_awq_calibration_beats_rtn(model, reference, method):
+  qmodel = calibrate.calibrated_quantize(model, _tokens(8 * 32), method, "int3", group_size=32, batch_size=8,
+                                         grid=5)
+  base, kl_rtn = reference
+  kl_q = quant.evaluate(base, qmodel, base.windows)["kl_mean"]
+  assert kl_q < 0.9 * kl_rtn, (kl_q, kl_rtn)
 
 
 def test_bad_arguments_are_one_line_errors(model):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cce_jax import quant
+from cce_jax.quant import calib_recipes
 from cce_jax.quant import eval_recipes
 from cce_jax.quant import eval_sources
 from cce_jax.quant import recipes
@@ -81,7 +82,7 @@ def test_usage_errors_are_one_line(tmp_path):
   proc = _run(f"--workdir={tmp_path}", "--recipes=int8,int5", f"--out={tmp_path / 'o'}")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
       "quantize.py: error: unknown recipe 'int5'; known: int8, int4_g128, uint4_g128, fp8_e4m3, mxfp4, nvfp4, nf4 "
-      "(or 'all')"]
+      "(or 'all'); calibrated: " + ", ".join(calib_recipes.names())]
   with pytest.raises(FileNotFoundError, match="not a train.py run directory"):
     eval_sources.from_workdir(str(tmp_path))
   with pytest.raises(ValueError, match="no recipe"):
@@ -105,3 +106,31 @@ def test_group_size_that_does_not_divide_falls_back_to_a_divisor():
          "bits_per_weight_all": 9.0, "seconds": 1.0, "notes": notes}
   md = eval_recipes.markdown([row], {"model": "m"})
   assert md.count("| int4_g128 | 4.300 |") == 1 and "- int4_g128: `blocks/" in md
+
+
+def test_script_runs_calibrated_recipes_on_unscored_held_out_tokens(workdir, tmp_path):
+  out = tmp_path / "calibrated"
+  proc = _run(f"--workdir={workdir}", "--recipes=rtn_w4_g128,gptq_w4_g128", f"--out={out}", "--eval_tokens=256",
+              "--calib_tokens=256")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "256 held-out tokens that are not scored" in proc.stdout
+  data = json.loads((out / "results.json").read_text())
+  rows = data["rows"]
+  assert [r["recipe"] for r in rows] == [eval_recipes.BASELINE, "rtn_w4_g128", "gptq_w4_g128"]
+  rtn, gptq = rows[1:]
+  assert rtn["tokens"] == gptq["tokens"] == 256 and rtn["bits_per_weight"] == gptq["bits_per_weight"]
+  assert 0 < gptq["kl"] < 1 and 0 < rtn["kl"] < 1
+  assert data["meta"]["calibration"].startswith("256 ")
+
+
+def test_calibration_tokens_are_never_scored():
+  stream = np.arange(1000)
+  scored, calib = calib_recipes.split_calibration(stream, 256, 300)
+  assert list(scored) == list(range(257)) and list(calib) == list(range(257, 557))
+  scored, calib = calib_recipes.split_calibration(stream, None, 300)
+  assert len(scored) == 700 and list(calib) == list(range(700, 1000))
+  with pytest.raises(ValueError, match="only 199 of the 300 calibration tokens"):
+    calib_recipes.split_calibration(stream, 800, 300)
+  with pytest.raises(ValueError, match="needs calibration tokens"):
+    eval_recipes.compare(None, stream, ["gptq_w4_g128"])
+  assert calib_recipes.needs_calibration("awq_w3_g128") and not calib_recipes.needs_calibration("rtn_w3_g128")

@@ -139,3 +139,11 @@ def test_bad_arguments_are_one_line_errors(model):
     calibrate.calibrated_quantize(model, _tokens(64), "gptq", "int4", propagate="none")
   with pytest.raises(ValueError, match="make no window of 32"):
     calibrate.calibrated_quantize(model, _tokens(10), "gptq", "int4")
+
+
+def test_propagation_changes_only_the_later_blocks(model, gptq_model):
+  full = calibrate.calibrated_quantize(model, _tokens(8 * 32), "gptq", "int3", group_size=32, batch_size=4,
+                                       propagate="full")
+  codes = lambda m, k: np.asarray(calibrate._read(m.blocks[k].mlp.w2).values)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(codes(full, 0), codes(gptq_model, 0))  # block 0 sees the embeddings either way
+  assert not np.array_equal(codes(full, 1), codes(gptq_model, 1))  # block 1: quantized vs full-precision inputs

@@ -7,6 +7,11 @@ scales) for the native dots; the plain `jnp.einsum` on `Param[...]` for unquanti
 
 from __future__ import annotations
 
+import json
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +23,8 @@ from cce_jax.models import Config, make_model, param_counts
 from cce_jax.quant import dot
 from cce_jax.quant import recipes
 from tests.quant import numpy_reference as ref
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 CFG = Config(V=64, D=128, H=4, KV=2, L=1, F=256, T=16, dtype="float32")  # D: a multiple of 128 (g128)
 NUMPY_FP8 = {"int8": None, "fp8_e4m3": "e4m3"}
@@ -159,9 +166,12 @@ def test_errors(model):
     dot.native_einsum("tf,df->td", jnp.ones((2, 8)), q)
 
 
-def test_native_dots_probe_runs_small():
-  from benchmarks.quant import native_dots  # pylint: disable=g-import-not-at-top
-  rows = {r["method"]: r for r in native_dots.run_shape(16, 128, 24, repeats=1)}
+def test_native_dots_probe_runs_small(tmp_path):
+  """The probe as a script in its own process (its absl flags would clash with other scripts' in one process)."""
+  out = tmp_path / "rows.json"
+  subprocess.run([sys.executable, "-m", "benchmarks.quant.native_dots", "--small", "--repeats=1", f"--out={out}"],
+                 cwd=ROOT, check=True, capture_output=True, text=True)
+  rows = {r["method"]: r for r in json.loads(out.read_text())["rows"] if r["shape"] == "64x128x128"}
   assert set(rows) == {"bf16", "deq_int8", "deq_int4_g128", "deq_fp8", "w8a8_int8", "gemm_int8", "w8a8_fp8",
                        "gemm_fp8"}
   assert rows["deq_int8"]["rel_err"] < 2e-2 and rows["w8a8_fp8"]["rel_err"] < 0.1 and rows["bf16"]["gemm"] != "-"

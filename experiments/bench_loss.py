@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 from absl import app
@@ -34,6 +33,7 @@ from benchmarks.linear_cross_entropy.inputs import REGIMES
 from benchmarks.linear_cross_entropy.inputs import SHAPES
 from benchmarks.linear_cross_entropy.inputs import load_lm
 from benchmarks.linear_cross_entropy.inputs import make_inputs
+import provenance  # experiments/provenance.py (this folder is on sys.path when run as a script)
 
 JAX_METHODS = ("naive", "xla_chunked", "xla_fused", "xla_fused_exact", "pallas_gpu", "pallas_gpu_sparse",
                "pallas_gpu_sorted", "pallas_gpu_triton", "pallas_gpu_lowmem", "pallas_gpu_full",
@@ -152,17 +152,6 @@ def table(rows):
   return "\n".join(lines)
 
 
-def _commit():
-  if os.environ.get("CCE_COMMIT"):  # for copies of the tree without .git
-    return os.environ["CCE_COMMIT"]
-  try:
-    # --dirty: a tree that differs from HEAD (uncommitted edits, a copy next to an older .git) says so
-    return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
-                          check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def _check_flags():
   """One-line usage errors before anything runs."""
   for m in _METHODS.value:
@@ -196,7 +185,7 @@ def main(argv):
     print(f"skipping {m}: its kernels need a {m.split('_')[1].upper()}, this is {platform}", flush=True)
   dtype = jnp.dtype(_DTYPE.value)
   device = jax.devices()[0].device_kind
-  header = f"{device}, jax {jax.__version__}, commit {_commit()}, dtype {dtype.name}"
+  header = f"{device}, jax {jax.__version__}, commit {provenance.commit()}, dtype {dtype.name}"
   if anchors:
     header += ", " + ", ".join(f"{k} {v}" for k, v in sorted(anchors.items()))
   print(header, flush=True)
@@ -210,9 +199,8 @@ def main(argv):
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-      json.dump(dict(device=device, jax=jax.__version__, commit=_commit(), dtype=dtype.name, anchors=anchors,
-                     rows=rows), f,
-                indent=2)
+      json.dump(dict(device=device, jax=jax.__version__, commit=provenance.commit(), dtype=dtype.name,
+                     anchors=anchors, rows=rows), f, indent=2)
   print()
   print(header)
   print(regime_table(rows))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import logging as py_logging
 import os
-import subprocess
 import sys
 import time
 
@@ -36,6 +35,7 @@ import jax
 from cce_jax.quant import calib_recipes
 from cce_jax.quant import eval_recipes
 from cce_jax.quant import eval_sources
+import provenance  # experiments/provenance.py (this folder is on sys.path when run as a script)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py run directory (its newest checkpoint is quantized).")
 _MODEL = flags.DEFINE_enum("model", None, [eval_sources.SMOLLM2], "A pretrained model instead of --workdir.")
@@ -61,16 +61,6 @@ class _QuietOrbax(py_logging.Filter):
 
   def filter(self, record):
     return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
-
-
-def _commit():
-  if os.environ.get("CCE_COMMIT"):  # for copies of the tree without .git
-    return os.environ["CCE_COMMIT"]
-  try:
-    return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
-                          check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 def _device():
@@ -112,7 +102,7 @@ def main(argv):
   except (ValueError, FileNotFoundError, ImportError) as err:
     _fail(err)
   seq_len = _SEQ_LEN.value or source.seq_len
-  meta = {"model": source.name, "source": source.description, "seq_len": seq_len, "commit": _commit(),
+  meta = {"model": source.name, "source": source.description, "seq_len": seq_len, "commit": provenance.commit(),
           "device": _device(),
           "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "command": " ".join(["python", "experiments/quantize.py"] + sys.argv[1:])}

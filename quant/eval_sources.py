@@ -39,23 +39,11 @@ class Source:
 def from_workdir(workdir: str, *, max_tokens: int | None = None) -> Source:
   """The newest checkpoint of a train.py run in `workdir` and the run's validation tokens (first max_tokens + 1)."""
   # Imported here: the training stack (Orbax, optax, the data pipeline) is needed only for this source.
-  from cce_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from cce_jax.training import hidden_states  # pylint: disable=import-outside-toplevel
-  from cce_jax.training import trainer  # pylint: disable=import-outside-toplevel
 
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileNotFoundError(f"{workdir!r} is not a train.py run directory (it has no checkpoints/ folder)")
-  ckpt = checkpoint_lib.Checkpointer(workdir, every=0, keep=1 << 30)
-  try:
-    cfg = hidden_states.run_config(ckpt.latest_meta()["config"])
-    run = trainer.setup(cfg, workdir)
-    restored = ckpt.restore_latest(run.state)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"no readable checkpoint in {ckpt.directory}")
-  step, state, _, _ = restored
-  model = run.codec.to_model(state["params"])
+  cfg, run, step, model = hidden_states.restore(workdir)
   tokens = np.asarray(run.val_tokens if max_tokens is None else run.val_tokens[:max_tokens + 1])
   m = cfg.model
   desc = (f"train.py run {os.path.abspath(workdir)} at step {step}: D={m.D} L={m.L} H={m.H} KV={m.KV} F={m.F} "

@@ -21,10 +21,9 @@ def run_config(saved: dict):
   return cfg
 
 
-def dump(workdir: str, out: str, tokens: int) -> dict:
-  """Restores workdir's newest checkpoint, runs the model on the start of the validation split (the run's own
-  tokenizer and data settings) and writes e [tokens, D] (float32), c [V, D] (float32), targets [tokens] (int32)
-  and the step to the .npz `out`; returns the step and the shapes."""
+def restore(workdir: str):
+  """(cfg, run, step, model) of workdir's newest readable checkpoint: the run's config, its `trainer.setup` (the
+  tokenizer, data and validation tokens), the step and the decoder with the restored parameters."""
   ckpt = checkpoint_lib.Checkpointer(workdir, every=0, keep=1 << 30)
   try:
     cfg = run_config(ckpt.latest_meta()["config"])
@@ -35,7 +34,14 @@ def dump(workdir: str, out: str, tokens: int) -> dict:
   if restored is None:
     raise FileNotFoundError(f"no readable checkpoint in {ckpt.directory}")
   step, state, _, _ = restored
-  model = run.codec.to_model(state["params"])
+  return cfg, run, step, run.codec.to_model(state["params"])
+
+
+def dump(workdir: str, out: str, tokens: int) -> dict:
+  """Restores workdir's newest checkpoint, runs the model on the start of the validation split (the run's own
+  tokenizer and data settings) and writes e [tokens, D] (float32), c [V, D] (float32), targets [tokens] (int32)
+  and the step to the .npz `out`; returns the step and the shapes."""
+  cfg, run, step, model = restore(workdir)
   per_batch = cfg.batch_size * cfg.seq_len
   hidden_fn = jax.jit(lambda inputs: model(inputs).astype(jnp.float32))
   es, ts = [], []

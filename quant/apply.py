@@ -11,6 +11,11 @@ decoder's dots quantize their activations per token into the weight's format and
 int8 × int8 (`dot.native_einsum`); this needs int8 or fp8_e4m3 weights with per-channel scales (recipes `int8`,
 `fp8_e4m3`), and any other quantized Param is an error naming it. Embeddings and the classifier, if a custom
 recipe quantizes them, are always dequantized.
+
+With `act_quant=(format, "token" | "tensor")` every quantized Param is marked (metadata `act_quant`: the Format
+and the granularity) so that the dots fake-quantize their activations into that format first, with dynamic
+scales per token or per tensor (`dot.fake_quantize_activations`): W8A8 evaluated on any device
+(`quant.w8a8_recipes`). It excludes `native_dots`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from flax import nnx
 from cce_jax.quant import dot
 from cce_jax.quant import params as qparams_lib
 from cce_jax.quant import qarray
+from cce_jax.quant.formats import base as formats_base
 
 
 def _is_q(x) -> bool:
@@ -31,13 +37,23 @@ def _param_dict(model):
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def quantize_model(model: nnx.Module, recipe, *, native_dots: bool = False) -> nnx.Module:
+def quantize_model(model: nnx.Module, recipe, *, native_dots: bool = False, act_quant=None) -> nnx.Module:
   """A copy of `model` whose Params selected by `recipe` (a name or rules, `quant.recipes`) hold QArrays.
 
   Errors (one-line ValueError / TypeError naming the parameter path or the rule, before anything is built): those
   of `quantize_params` (a rule that matches no path, a bad group size, a non-float or non-finite parameter, an
-  unknown format), and with `native_dots` a quantized Param whose format or blocks the native dots do not take.
+  unknown format), and with `native_dots` a quantized Param whose format or blocks the native dots do not take;
+  an `act_quant` that is not (a format name, "token" or "tensor"), or given with `native_dots`.
   """
+  meta = {"native_dot": True} if native_dots else {}
+  if act_quant is not None:
+    if native_dots:
+      raise ValueError("quantize_model: give native_dots or act_quant, not both (native dots quantize the "
+                       "activations per token themselves)")
+    if (not isinstance(act_quant, (tuple, list)) or len(act_quant) != 2
+        or act_quant[1] not in dot.ACT_GRANULARITIES):
+      raise ValueError(f"quantize_model: act_quant must be (format name, 'token' or 'tensor'), got {act_quant!r}")
+    meta = {"act_quant": (formats_base.get_format(act_quant[0]), act_quant[1])}
   qparams = qparams_lib.quantize_params(_param_dict(model), recipe)
   quantized = {qparams_lib.path_str(p): q
                for p, q in jax.tree_util.tree_flatten_with_path(qparams, is_leaf=_is_q)[0] if _is_q(q)}
@@ -52,7 +68,7 @@ def quantize_model(model: nnx.Module, recipe, *, native_dots: bool = False) -> n
   for path, var in nnx.to_flat_state(state):
     key = "/".join(str(k) for k in path)
     if key in quantized and isinstance(var, nnx.Param):
-      var = var.replace(quantized[key], **({"native_dot": True} if native_dots else {}))
+      var = var.replace(quantized[key], **meta)
     flat.append((path, var))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

@@ -7,7 +7,11 @@ A weight `w` is an array, a `QArray`, or an `nnx.Variable` holding either.
   full-precision copy is a temporary of the forward.
 - `einsum(spec, x, w, *, dtype)`: `jnp.einsum(spec, x, read(w, dtype))` in the compute dtype `dtype`, or
   `native_einsum` when `w` is a Variable whose metadata says `native_dot=True` (`quantize_model(...,
-  native_dots=True)` sets it).
+  native_dots=True)` sets it). When the Variable's metadata holds `act_quant=(Format, "token" | "tensor")`
+  (`quantize_model(..., act_quant=...)`), x is first fake-quantized into that format (`fake_quantize_activations`:
+  W8A8 as dequantized operands and a float matmul).
+- `fake_quantize_activations(spec, x, fmt, granularity)`: x quantized and dequantized with dynamic scales, one per
+  token (over the axes of x that `spec` contracts) or one for the whole tensor x, by the format's own rounding.
 - `native_einsum(spec, x, q)`: W8A8 with per-token dynamic activation scales. x is quantized per token (one scale
   over the contracted axes of each row of x) into q's format by that format's own rounding rule, the codes are
   multiplied as fp8_e4m3 × fp8_e4m3 (float32 accumulation) or int8 × int8 (int32 accumulation, exact) by
@@ -29,10 +33,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cce_jax.quant import qarray
+from cce_jax.quant.formats import base
 from cce_jax.quant.formats import int as int_format
 
 NATIVE_FORMATS = ("int8", "fp8_e4m3")
 """Formats `native_einsum` multiplies in: weights and activations both in it."""
+
+ACT_GRANULARITIES = ("token", "tensor")
+"""Activation scales of `fake_quantize_activations`: one per token, or one per tensor (both dynamic)."""
 
 
 def _value(w):
@@ -59,7 +67,25 @@ def einsum(spec: str, x, w, *, dtype):
   """`spec` contraction of activations x with the weight w (module docstring), returned in `dtype`."""
   if is_native(w):
     return native_einsum(spec, x.astype(dtype), _value(w)).astype(dtype)
+  act = w.get_metadata().get("act_quant") if isinstance(w, nnx.Variable) else None
+  if act is not None:
+    x = fake_quantize_activations(spec, x, *act)
   return jnp.einsum(spec, x, read(w, dtype))
+
+
+def fake_quantize_activations(spec: str, x, fmt, granularity: str):
+  """x (float, any shape) quantized into `fmt` (a name or Format) and dequantized, in x's dtype.
+
+  granularity "token": one dynamic scale per token, over the axes of x that `spec` ("btd,dhk->bthk") contracts;
+  "tensor": one dynamic scale over all of x (the whole batch, as SmoothQuant's per-tensor dynamic mode).
+  """
+  if granularity not in ACT_GRANULARITIES:
+    raise ValueError(f"activation granularity must be one of {ACT_GRANULARITIES}, got {granularity!r}")
+  fmt = base.get_format(fmt)
+  xs, ws = spec.replace(" ", "").split("->")[0].split(",")
+  axes = tuple(range(x.ndim)) if granularity == "tensor" else tuple(i for i, c in enumerate(xs) if c in ws)
+  enc = fmt.encode(x.astype(jnp.float32), axes)
+  return fmt.decode(enc.codes, enc.scales, enc.zero_points, enc.scale2).astype(x.dtype)
 
 
 def check_native(q: qarray.QArray) -> None:

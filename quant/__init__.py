@@ -19,6 +19,7 @@ from cce_jax.quant.awq import awq, fold_scale, scale_input
 from cce_jax.quant.calibrate import calibrated_quantize, calibration_stats
 from cce_jax.quant.evaluate import Baseline, baseline, evaluate
 from cce_jax.quant.formats import Format, get_format
+from cce_jax.quant.fp_search import fp_search
 from cce_jax.quant.gptq import gptq
 from cce_jax.quant.hessian import HessianState, hessian_init, hessian_update
 from cce_jax.quant.params import dequantize_params, quantize_params, size_report
@@ -30,6 +31,7 @@ from cce_jax.quant.smoothquant import smoothquant_scales, w8a8_matmul
 __all__ = [
     "Baseline", "Format", "HessianState", "QArray", "Rule", "awq", "baseline", "calibrated_quantize",
     "calibration_stats", "dequantize_params", "dot", "evaluate", "fake_quantize", "fold_scale", "formats",
-    "get_format", "gptq", "hessian_init", "hessian_update", "model_size_report", "quantize", "quantize_model",
-    "quantize_params", "recipes", "scale_input", "size_report", "smoothquant_scales", "w8a8_matmul",
+    "fp_search", "get_format", "gptq", "hessian_init", "hessian_update", "model_size_report", "quantize",
+    "quantize_model", "quantize_params", "recipes", "scale_input", "size_report", "smoothquant_scales",
+    "w8a8_matmul",
 ]

@@ -7,12 +7,20 @@
 | `gptq_w4_g128_act`, `gptq_w3_g128_act` | GPTQ, act-order (static groups) | int4 / int3 | 128 |
 | `awq_w4_g128`, `awq_w3_g128` | AWQ (scale search, folding, clip search) | int4 / int3 | 128 |
 | `awq_gptq_w4_g128`, `awq_gptq_w3_g128` | AWQ scales folded, then GPTQ | int4 / int3 | 128 |
+| `e2m1_g32` | round to nearest (no calibration) | fp4_e2m1 | 32 |
+| `fp4_wsearch_g32` | split and clip searched on the weights' own error (no calibration) | fp4_search | 32 |
+| `fp4_search_g32` | `quant.fp_search`: split and clip searched on the output error (LLM-FP4) | fp4_search | 32 |
 
 Symmetric int formats, as the RTN recipe `int4_g128`; `rtn_w4_g128` is that recipe under this table's name, so the
 rows of one run compare like with like. The calibrated ones run `quant.calibrated_quantize` (quant/calibrate.py;
 quantized outputs propagated, AWQ grid 20 with the clip search, GPTQ damping 0.01) on calibration tokens: by default
 held-out tokens of the model's own corpus that the evaluation does not score (`split_calibration`). A group size that
 does not divide an axis uses its largest divisor below 128, as `eval_recipes.fitted_rules` does for RTN.
+
+The FP4 rows share one scale rule (`quant.formats.fpx`: an e4m3 scale per block of 32, an fp32 scale per tensor;
+4.25 bits per weight plus 64 bits per tensor) and differ only in the element grid: `e2m1_g32` is e2m1 with absmax
+scaling, the searched ones pick per layer one of e1m2 / e2m1 / e3m0 and a clipping ratio 1.0 … 0.55 (plain e2m1
+is one of the candidates).
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ for _bits in (4, 3):
   _TABLE[f"gptq_w{_bits}_g128_act"] = ("gptq", _fmt, 128, {"act_order": True})
   _TABLE[f"awq_w{_bits}_g128"] = ("awq", _fmt, 128, {})
   _TABLE[f"awq_gptq_w{_bits}_g128"] = ("awq+gptq", _fmt, 128, {})
+_TABLE["e2m1_g32"] = ("rtn", "fp4_e2m1", 32, {})
+_TABLE["fp4_wsearch_g32"] = ("rtn", "fp4_search", 32, {})
+_TABLE["fp4_search_g32"] = ("fp_search", "fp4_search", 32, {})
 
 
 def names() -> tuple[str, ...]:
@@ -37,7 +48,7 @@ def names() -> tuple[str, ...]:
 
 
 def needs_calibration(name: str) -> bool:
-  """True for the recipes of this table that run a calibrated method (all but rtn_*)."""
+  """True for the recipes of this table that run a calibrated method (all but the round-to-nearest ones)."""
   return name in _TABLE and _TABLE[name][0] != "rtn"
 
 

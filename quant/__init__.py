@@ -6,9 +6,10 @@ Parameter trees and models: `quantize_params` / `dequantize_params` / `size_repo
 (a decoder whose Params hold QArrays, dequantized on the fly or through native 8-bit dots: `dot`).
 Calibrated methods per layer: `gptq` (with `hessian_init` / `hessian_update`), `awq` (with `fold_scale` /
 `scale_input`), `smoothquant_scales` and `w8a8_matmul`; over a decoder, block by block: `calibrated_quantize`,
-`calibration_stats`. `evaluate(model_fp, model_q, tokens)`: perplexity, KL divergence, top-1 agreement, Δp.
-The function names `evaluate`, `gptq` and `awq` hide their modules' names: import helpers from the modules
-(`from cce_jax.quant.awq import ...`).
+`calibration_stats`, and `smoothquant` (migration scales folded into the RMSNorm scales and w3; W8A8 recipes in
+`cce_jax.quant.w8a8_recipes`). `evaluate(model_fp, model_q, tokens)`: perplexity, KL divergence, top-1
+agreement, Δp. The function names `evaluate`, `gptq`, `awq` and `smoothquant` hide their modules' names: import
+helpers from the modules (`from cce_jax.quant.awq import ...`).
 """
 
 from cce_jax.quant import dot
@@ -26,12 +27,12 @@ from cce_jax.quant.params import dequantize_params, quantize_params, size_report
 from cce_jax.quant.qarray import QArray
 from cce_jax.quant.quantize import fake_quantize, quantize
 from cce_jax.quant.recipes import Rule
-from cce_jax.quant.smoothquant import smoothquant_scales, w8a8_matmul
+from cce_jax.quant.smoothquant import smoothquant, smoothquant_scales, w8a8_matmul
 
 __all__ = [
     "Baseline", "Format", "HessianState", "QArray", "Rule", "awq", "baseline", "calibrated_quantize",
     "calibration_stats", "dequantize_params", "dot", "evaluate", "fake_quantize", "fold_scale", "formats",
     "fp_search", "get_format", "gptq", "hessian_init", "hessian_update", "model_size_report", "quantize",
-    "quantize_model", "quantize_params", "recipes", "scale_input", "size_report", "smoothquant_scales",
-    "w8a8_matmul",
+    "quantize_model", "quantize_params", "recipes", "scale_input", "size_report", "smoothquant",
+    "smoothquant_scales", "w8a8_matmul",
 ]

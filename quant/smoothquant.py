@@ -26,6 +26,8 @@ dot with int32 accumulation); the other combinations are fake-quantized (dequant
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -109,6 +111,14 @@ class _Node:
     return _Node(value) if isinstance(value, dict) else _Leaf(self._tree, name)
 
 
+def _leading(w, n: int):
+  """w as [n, -1] when its leading axes hold n elements (w itself otherwise: `smoothquant_scales` names it)."""
+  for k in range(1, w.ndim):
+    if math.prod(w.shape[:k]) == n:
+      return w.reshape(n, -1)
+  return w
+
+
 def _act_max(act_stats, key):
   if key not in act_stats:
     raise ValueError(f"smoothquant: act_stats has no entry {key!r} (give quant.calibration_stats(model, tokens))")
@@ -149,7 +159,9 @@ def smoothquant(model_or_params, act_stats, *, alpha: float = 0.5, inputs=SMOOTH
   # pylint: disable=protected-access
   for k, block in enumerate(blocks):
     for name in inputs:
+      act_max = jnp.asarray(_act_max(act_stats, f"blocks/{k}/{name}"))
       ws = [calibrate._read(calibrate._get(block, p)) for p in calib_block.KERNELS[name]]
-      s = smoothquant_scales(_act_max(act_stats, f"blocks/{k}/{name}"), ws, alpha=alpha)
+      ws = [_leading(w, act_max.size) for w in ws]  # wo [H, K, D] is fed [H·K]
+      s = smoothquant_scales(act_max, ws, alpha=alpha)
       calibrate._fold(block, name, s, kv_eq_h)
   return result

@@ -10,6 +10,7 @@
 | `e2m1_g32` | round to nearest (no calibration) | fp4_e2m1 | 32 |
 | `fp4_wsearch_g32` | split and clip searched on the weights' own error (no calibration) | fp4_search | 32 |
 | `fp4_search_g32` | `quant.fp_search`: split and clip searched on the output error (LLM-FP4) | fp4_search | 32 |
+| `fp4_search_noclip_g32` | `quant.fp_search` of the split only (absmax scaling, clip 1) | fp4_search | 32 |
 
 Symmetric int formats, as the RTN recipe `int4_g128`; `rtn_w4_g128` is that recipe under this table's name, so the
 rows of one run compare like with like. The calibrated ones run `quant.calibrated_quantize` (quant/calibrate.py;
@@ -20,7 +21,7 @@ does not divide an axis uses its largest divisor below 128, as `eval_recipes.fit
 The FP4 rows share one scale rule (`quant.formats.fpx`: an e4m3 scale per block of 32, an fp32 scale per tensor;
 4.25 bits per weight plus 64 bits per tensor) and differ only in the element grid: `e2m1_g32` is e2m1 with absmax
 scaling, the searched ones pick per layer one of e1m2 / e2m1 / e3m0 and a clipping ratio 1.0 … 0.55 (plain e2m1
-is one of the candidates).
+is one of the candidates; `fp4_search_noclip_g32` keeps the ratio at 1).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 from cce_jax.quant import recipes as recipes_lib
 from cce_jax.quant.calibrate import calibrated_quantize
+from cce_jax.quant.formats import get_format
 
 _TABLE = {}
 for _bits in (4, 3):
@@ -41,6 +43,7 @@ for _bits in (4, 3):
 _TABLE["e2m1_g32"] = ("rtn", "fp4_e2m1", 32, {})
 _TABLE["fp4_wsearch_g32"] = ("rtn", "fp4_search", 32, {})
 _TABLE["fp4_search_g32"] = ("fp_search", "fp4_search", 32, {})
+_TABLE["fp4_search_noclip_g32"] = ("fp_search", get_format("fp4_search", clip=1.0), 32, {})
 
 
 def names() -> tuple[str, ...]:

@@ -26,7 +26,7 @@ Methods (`method`):
   wv / s and wo · s only when KV == H — with grouped-query attention wo gets no scale), then the clip search and
   round-to-nearest (`quant.awq` with grid=1 on the folded kernels);
 - "fp_search": `quant.fp_search` of every kernel (fmt `fp{b}_search`: the b-bit float split and clip ratio with the
-  least output error, scored with the input's Hessian);
+  least output error, scored with the input's Hessian; a format's fixed fields are not searched: `search_space`);
 - "awq+gptq": the AWQ scales folded as above, then GPTQ on the folded kernels with the Hessian of x / s
   (H / (s sᵀ): no second capture); AWQ's clip search is not applied (GPTQ's error feedback takes its place).
 
@@ -51,7 +51,7 @@ from cce_jax.quant import hessian as hessian_lib
 from cce_jax.quant import qarray
 from cce_jax.quant.awq import CLIP_TOKENS, awq, awq_scales, fold_scale, scale_input, scale_search_losses
 from cce_jax.quant.formats import base
-from cce_jax.quant.fp_search import fp_search
+from cce_jax.quant.fp_search import fp_search, search_space
 from cce_jax.quant.gptq import gptq
 from cce_jax.quant.quantize import quantize
 
@@ -195,7 +195,7 @@ def _quantize_block(block, stats, method, fmt, *, group_size, act_order, damp, g
       if method == "awq":
         _, q2 = awq(w2, st.x_sub / s, fmt, group_size=g2, grid=1, clip=clip)
       elif method == "fp_search":
-        q2 = fp_search(w2, hessian=st.h.hessian, bits=fmt.bits, group_size=g2)
+        q2 = fp_search(w2, hessian=st.h.hessian, group_size=g2, **search_space(fmt))
       else:
         h = st.h.hessian / (s[:, None] * s[None, :])
         q2 = gptq(w2, h, fmt, group_size=g2, act_order=act_order,

@@ -108,6 +108,18 @@ def fp_search_losses(w, x=None, *, bits: int = 4, group_size=32, hessian=None, s
                  splits=splits, clips=clips, clip_per="layer")[1]
 
 
+def search_space(fmt) -> dict:
+  """fp_search's `bits`, `splits` and `clips` for an `FPFormat`: its None fields are searched, the others fixed.
+
+  `fp4_search` searches both; `get_format("fp4_search", clip=1.0)` only the split (absmax scaling).
+  """
+  fmt = base.get_format(fmt)
+  if not isinstance(fmt, fpx.FPFormat):
+    raise ValueError(f"fp_search takes an fp{{b}}_e*m* or fp{{b}}_search format, got {fmt.name}")
+  return {"bits": fmt.bits, "splits": None if fmt.ebits is None else (fmt.ebits,),
+          "clips": fpx.CLIPS if fmt.clip is None else (fmt.clip,)}
+
+
 def fp_choice(q: qarray.QArray) -> tuple[str, np.ndarray]:
   """(the chosen element format, e.g. "e3m0"; the per-block scales' float32 values) of a concrete searched QArray."""
   e = int(np.asarray(q.scale2)[1])

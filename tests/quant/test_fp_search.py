@@ -193,3 +193,28 @@ def test_bad_input_gives_one_line_errors():
     with pytest.raises(ValueError) as info:
       fpx.FPFormat("fp", **bad)
     assert "\n" not in str(info.value)
+
+
+def test_calibrated_pipeline_gives_searched_qarrays_in_the_rtn_layout():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from cce_jax import models  # pylint: disable=import-outside-toplevel
+  from cce_jax.quant import calibrate, recipes  # pylint: disable=import-outside-toplevel
+  from cce_jax.quant.fp_search import search_space  # pylint: disable=import-outside-toplevel
+  cfg = models.Config(V=64, D=64, H=4, KV=2, L=1, F=96, T=32, dtype="float32", init_std=0.15)
+  model = models.make_model(cfg, 0)
+  tokens = np.random.default_rng(0).integers(0, cfg.V, 4 * 32).astype(np.int32)
+  qm = calibrate.calibrated_quantize(model, tokens, "fp_search", "fp4_search", group_size=32, batch_size=4)
+  rtn = quant.quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), recipes.decoder_rules("fp4_e2m1", 32))
+  for path in ("attn/wq", "attn/wk", "attn/wv", "attn/wo", "mlp/w1", "mlp/w3", "mlp/w2"):
+    q = calibrate._read(calibrate._get(qm.blocks[0], path))  # pylint: disable=protected-access
+    r = rtn["blocks"][0]
+    for part in path.split("/"):
+      r = r[part]
+    assert isinstance(q, quant.QArray) and q.fmt.name == "fp4_search", path
+    # Same storage (wo's one block per head_dim may be laid out as "channel" or as one group).
+    assert [a.size for a in jax.tree.leaves(q)] == [a.size for a in jax.tree.leaves(r)], path
+    assert q.shape == r.shape and q.bits_per_weight == r.bits_per_weight, path
+    assert fp_choice(q)[0] in ("e1m2", "e2m1", "e3m0")
+  assert search_space(quant.get_format("fp4_search", clip=1.0)) == {"bits": 4, "splits": None, "clips": (1.0,)}
+  with pytest.raises(ValueError, match="fp_search takes an fp"):
+    search_space("int4")

@@ -59,8 +59,7 @@ def resolve(names: str | list[str]) -> list[str]:
 
 
 def _with_params(model, params):
-  graphdef, state = nnx.split(model)
-  copy = nnx.merge(graphdef, state)
+  copy = nnx.clone(model)  # not split + merge: with flax 0.12 the merged copy shares model's Variables
   nnx.update(copy, params)
   return copy
 

@@ -20,7 +20,8 @@ the stream without --eval_tokens. W8A8 recipes (`cce_jax.quant.w8a8_recipes`, na
 quantize the activations of every block dot too; the SmoothQuant ones are calibrated like the calibrated recipes.
 --calib_files=GLOB[,GLOB...] calibrates on any text files instead (tokenized with the model's own tokenizer,
 documents joined by its end-of-text token; all held-out tokens are then scored). One progress line per recipe;
-OUT/results.json, OUT/results.md and OUT/perplexity_vs_bits.png (matplotlib) are written at the end. Rows and their fields: docs/quantization.md.
+OUT/results.json, OUT/results.md and OUT/perplexity_vs_bits.png (matplotlib) are written at the end. Rows and
+their fields: docs/quantization.md.
 """
 
 from __future__ import annotations

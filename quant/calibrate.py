@@ -175,7 +175,7 @@ def _quantize_block(block, stats, method, fmt, *, group_size, act_order, damp, g
   cfg = block.attn.cfg
   kv_eq_h = cfg.KV == cfg.H
   out = {}
-  for name in calib_block.INPUTS:
+  for name in ("o", "qkv", "down", "up"):  # folds o, down rescale wv, w3: before those are quantized
     st = stats[name]
     paths = calib_block.KERNELS[name]
     ws = [_read(_get(block, p)) for p in paths]

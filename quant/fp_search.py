@@ -21,6 +21,9 @@ quantize-dequantize plus one [n, K] × [K, N] (or [K, K] × [K, N]) product; the
 chosen split is data: it is stored in the QArray's `scale2`, and the format is `fp{b}_search`). The result is
 laid out as `quantize(w, "fp{b}_search", axis=0, group_size=group_size)`: b + 8/group_size bits per weight plus
 64 bits per tensor (the tensor scale and the exponent width).
+
+Activations: `fp_search_activations(x, w)` searches the split and clip ratio of a layer's input format (per-token
+or per-tensor dynamic scales) on ‖(Q(x) − x) W‖² and returns a concrete format for `quantize_model(act_quant=...)`.
 """
 
 from __future__ import annotations
@@ -106,6 +109,54 @@ def fp_search_losses(w, x=None, *, bits: int = 4, group_size=32, hessian=None, s
   xx = None if x is None else jnp.asarray(x, jnp.float32)
   return _search(w.astype(jnp.float32), xx, h, bits=bits, blocked=blocked, reduce_axes=reduce_axes,
                  splits=splits, clips=clips, clip_per="layer")[1]
+
+
+GRANULARITIES = ("token", "tensor")
+
+
+def fp_search_activations(x, w, *, bits: int = 8, granularity: str = "token", splits=None, clips=fpx.CLIPS):
+  """(the `FPFormat` for the activations x feeding w, losses [S, C]): LLM-FP4's activation-format search.
+
+  Each candidate (split E, clip c) quantizes x [n, K] with `formats.fpx`'s rule, one e4m3 scale per token
+  (`granularity="token"`, over K) or one for all of x ("tensor"), under an fp32 scale per tensor (dynamic: computed
+  from the activations at inference, as `dot.fake_quantize_activations` does); the loss is ‖(Q(x) − x) W‖² over
+  the tokens, W [K, N] the (full-precision or dequantized) kernel. The losses are computed in one jitted,
+  vectorized pass; the chosen format is static (a concrete `FPFormat` with `ebits` and `clip` set), to use as
+  `quantize_model(..., act_quant=(fmt, granularity))` or `dot.fake_quantize_activations(spec, x, fmt, granularity)`.
+  The first candidate is (E = 2 at b ≤ 4, else ⌊(b − 1)/2⌋ + 1: e4m3 at 8 bits; c = 1) and ties keep it.
+  """
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+  w = jnp.asarray(w)
+  if jnp.ndim(x) != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+    raise ValueError(f"fp_search_activations expects x [n, K] and w [K, N], got {jnp.shape(x)} and {w.shape}")
+  if bits not in fpx.BITS:
+    raise ValueError(f"bits must be one of {fpx.BITS}, got {bits}")
+  if splits is None:
+    splits = tuple(sorted(range(1, bits), key=lambda e: (abs(e - (2 if bits <= 4 else (bits - 1) // 2 + 1)), e)))
+  splits, clips = _check(w, jnp.zeros((1, w.shape[0])), None, bits, "channel", splits, clips, "layer")
+  xx = jnp.asarray(x, jnp.float32)
+  if not isinstance(xx, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xx))):
+    raise ValueError(f"x (shape {tuple(xx.shape)}) contains NaN or Inf")
+  reduce_axes = (1,) if granularity == "token" else (0, 1)
+  losses = _act_losses(xx, w.astype(jnp.float32), bits=bits, reduce_axes=reduce_axes, splits=splits, clips=clips)
+  s_i, c_i = np.unravel_index(int(jnp.argmin(losses)), losses.shape)
+  e = splits[s_i]
+  fmt = fpx.FPFormat(f"fp{bits}_e{e}m{bits - 1 - e}", bits=bits, ebits=e, clip=clips[c_i])
+  return fmt, losses
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "reduce_axes", "splits", "clips"))
+def _act_losses(x, w, *, bits, reduce_axes, splits, clips):
+  es, cs = fpx.candidates(bits, splits, clips)
+
+  def loss(ec):
+    r, b, g = fpx.encode_blocks(x, reduce_axes, bits, ec[0], ec[1])
+    return jnp.sum(jnp.square(jnp.matmul(r * b * g - x, w, precision=jax.lax.Precision.HIGHEST)))
+
+  size = x.size + x.shape[0] * w.shape[1]
+  losses = jax.lax.map(loss, (es, cs), batch_size=max(1, min(len(es), (1 << 25) // size)))
+  return losses.reshape(len(splits), len(clips))
 
 
 def search_space(fmt) -> dict:

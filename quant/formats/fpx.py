@@ -1,4 +1,4 @@
-"""Parametrised low-bit floats `fp{b}_e{E}m{M}` (b = 1 + E + M, 3 ≤ b ≤ 6) and the searched `fp{b}_search`.
+"""Parametrised low-bit floats `fp{b}_e{E}m{M}` (b = 1 + E + M, 3 ≤ b ≤ 8) and the searched `fp{b}_search`.
 
 Element grid (E exponent bits, M mantissa bits, bias 2^(E−1) − 1, no inf or NaN codes): ±0, the subnormals
 k·2^(emin−M) (k < 2^M) and the normals (1 + k/2^M)·2^e for emin ≤ e ≤ emax, with emin = 2 − 2^(E−1) and
@@ -17,6 +17,9 @@ maximum: the `clip` ratio here. `fp4_e2m1` at block 16 is exactly `nvfp4`.
 is None) decodes without knowing the choice statically, and `QArray.bits_per_weight` counts it: b + 8/block +
 64/tensor bits per weight (4.25 at block 32, plus 64 bits per tensor).
 
+The 8-bit e4m3 and e5m2 grids here reach 480 and 114688 (no inf/NaN codes); the names `fp8_e4m3` and `fp8_e5m2`
+stay formats/fp8.py's (build `FPFormat("...", bits=8, ebits=4)` for this one).
+
 `fp{b}_search` (`ebits=None, clip=None`): `encode` picks, per tensor, the split E (1 … b−1) and one clip ratio
 from `CLIPS` that minimise the weight's squared error (data-free). `cce_jax.quant.fp_search` does the same search
 on a layer's output error ‖XW − XŴ‖² with calibration inputs.
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 from cce_jax.quant.formats import base
 from cce_jax.quant.formats import minifloat
 
-BITS = (3, 4, 5, 6)
+BITS = (3, 4, 5, 6, 7, 8)
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
 """The clipping ratios of the searches (1.0 first: plain absmax scaling)."""
 _E4M3 = minifloat.E4M3
@@ -178,6 +181,8 @@ def _register():
   for bits in BITS:
     for e in range(1, bits):
       name = f"fp{bits}_e{e}m{bits - 1 - e}"
+      if name in base.names():  # fp8_e4m3 and fp8_e5m2 stay the IEEE-like FP8 formats (formats/fp8.py)
+        continue
       base.register(name, lambda _n=name, _b=bits, _e=e, **kw: FPFormat(_n, bits=_b, ebits=_e, **kw))
     base.register(f"fp{bits}_search",
                   lambda _b=bits, **kw: FPFormat(f"fp{_b}_search", bits=_b, **{"ebits": None, "clip": None, **kw}))

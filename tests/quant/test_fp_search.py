@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from cce_jax import quant
-from cce_jax.quant.fp_search import fp_choice, fp_search_losses
+from cce_jax.quant import dot
+from cce_jax.quant.fp_search import fp_choice, fp_search_activations, fp_search_losses
 from cce_jax.quant.formats import fpx
 
 
@@ -178,7 +179,7 @@ def test_bad_input_gives_one_line_errors():
       (dict(w=w, x=None), "exactly one of x"),
       (dict(w=w, x=x, hessian=np.eye(64)), "exactly one of x"),
       (dict(w=w, x=None, hessian=np.eye(10)), r"hessian must be \[64, 64\]"),
-      (dict(w=w, x=x, bits=7), "bits must be one of"),
+      (dict(w=w, x=x, bits=9), "bits must be one of"),
       (dict(w=w, x=x, splits=(0,)), "splits must be exponent widths in 1..3"),
       (dict(w=w, x=x, clips=(1.5,)), r"clips must be ratios in \(0, 1\]"),
       (dict(w=w, x=x, clip_per="block"), "clip_per must be one of"),
@@ -189,7 +190,7 @@ def test_bad_input_gives_one_line_errors():
     with pytest.raises(ValueError, match=msg) as info:
       quant.fp_search(**kwargs)
     assert "\n" not in str(info.value)
-  for bad in (dict(bits=8), dict(ebits=4), dict(clip=0.0)):
+  for bad in (dict(bits=9), dict(ebits=4), dict(clip=0.0)):
     with pytest.raises(ValueError) as info:
       fpx.FPFormat("fp", **bad)
     assert "\n" not in str(info.value)
@@ -218,3 +219,25 @@ def test_calibrated_pipeline_gives_searched_qarrays_in_the_rtn_layout():
   assert search_space(quant.get_format("fp4_search", clip=1.0)) == {"bits": 4, "splits": None, "clips": (1.0,)}
   with pytest.raises(ValueError, match="fp_search takes an fp"):
     search_space("int4")
+
+
+@pytest.mark.parametrize("bits,granularity", [(4, "tensor"), (8, "token")])
+def test_activation_search_beats_the_default_format(bits, granularity):
+  x, w = _layer(seed=10, d=96, out=40)
+  fmt, losses = fp_search_activations(x, w, bits=bits, granularity=granularity)
+  losses = np.asarray(losses, np.float64)
+  assert losses.shape == (bits - 1, len(fpx.CLIPS)) and fmt.bits == bits and fmt.ebits is not None
+  # The chosen format, applied as the model applies activation formats, gives the minimum loss (float64 check).
+  xq = np.asarray(dot.fake_quantize_activations("nk,kd->nd", jnp.asarray(x), fmt, granularity), np.float64)
+  err = float(np.sum(((xq - x) @ w.astype(np.float64)) ** 2))
+  np.testing.assert_allclose(err, losses.min(), rtol=1e-4)
+  assert err < 0.6 * losses[0, 0], (err, losses[0, 0])  # the first candidate: e2m1 / e4m3 without clipping
+
+
+def test_activation_search_errors():
+  x, w = _layer(seed=11, d=64, out=16)
+  for kwargs, msg in ((dict(granularity="channel"), "granularity must be one of"), (dict(bits=2), "bits must be")):
+    with pytest.raises(ValueError, match=msg):
+      fp_search_activations(x, w, **kwargs)
+  with pytest.raises(ValueError, match=r"expects x \[n, K\] and w \[K, N\]"):
+    fp_search_activations(x[:, :10], w)

@@ -66,7 +66,8 @@ def test_script_writes_results_with_a_line_per_recipe(workdir, tmp_path):
   base, int8, int4 = rows
   assert base["kl"] == 0 and base["bits_per_weight"] == 32 and base["top1_agreement"] == 1
   assert 8 < int8["bits_per_weight"] < 8.5 and 4 < int4["bits_per_weight"] < 4.6
-  assert 0 <= int8["kl"] < int4["kl"] and int8["top1_agreement"] >= int4["top1_agreement"]
+  assert -1e-6 <= int8["kl"] < int4["kl"]  # float rounding: a KL near 0 may print as -3e-9
+  assert int8["top1_agreement"] >= int4["top1_agreement"]
   assert abs(int8["perplexity"] / base["perplexity"] - 1) < 0.01
   md = (out / "results.md").read_text()
   assert "| int4_g128 |" in md and "commit" in md

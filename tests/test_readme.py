@@ -10,7 +10,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEST_COMMAND = ".venv/bin/python -m pytest -n 2 -q tests"
 # Pages whose python examples run here, whose lines stay within 120 characters and whose length is capped.
-PAGES = {"README.md": 120, "BENCHMARKS.md": 260, "docs/README.md": None, "docs/linear_cross_entropy.md": None,
+PAGES = {"README.md": 120, "BENCHMARKS.md": 300, "docs/README.md": None, "docs/linear_cross_entropy.md": None,
          "docs/filtering.md": None, "docs/sharding.md": None, "docs/scaling.md": None,
          "docs/benchmark_log.md": None, "docs/quantization.md": None, "docs/launch.md": None}
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

@@ -40,8 +40,9 @@ def cache_key(e, c, *, softcap=None, filter_eps=None) -> str:
   return f"{kind}|{n}|{v}|{d}|{jnp.dtype(e.dtype).name}|{jnp.dtype(c.dtype).name}|{softcap}|{mode}"
 
 
-def default_candidates(n: int, v: int, d: int, *, softcap=None, filtered: bool = True) -> list[PallasGpuConfig]:
-  """The heuristic's config first, then the variants the H100/H200 sweeps found competitive."""
+def default_candidates(n: int, v: int, d: int, *, softcap=None, filtered: bool = False) -> list[PallasGpuConfig]:
+  """The heuristic's config first, then the variants the H100/H200 sweeps found competitive; `filtered` for a
+  filtered gradient (the op's default is the full one, `filter_eps=None`)."""
   base = PallasGpuConfig.for_shape(n, v, d, softcap=softcap, filtered=filtered)
   variants = [base, dataclasses.replace(base, num_warps=4 if base.num_warps == 8 else 8),
               dataclasses.replace(base, num_stages=4), dataclasses.replace(base, block_n=64),

@@ -71,10 +71,11 @@ def test_bad_candidates_and_unreadable_cache(tmp_path):
 
 
 def test_default_candidates_start_with_the_heuristic():
-  cands = autotune.default_candidates(8192, 256000, 2304, softcap=30.0)
+  cands = autotune.default_candidates(8192, 256000, 2304, softcap=30.0, filtered=True)
   assert cands[0] == PallasGpuConfig.for_shape(8192, 256000, 2304, softcap=30.0, filtered=True)
-  full = autotune.default_candidates(8192, 256000, 2304, softcap=30.0, filtered=False)
+  full = autotune.default_candidates(8192, 256000, 2304, softcap=30.0)  # the op's default: the full gradient
   assert full[0] == PallasGpuConfig.for_shape(8192, 256000, 2304, softcap=30.0)
+  assert any(k.sort_vocabulary for k in cands) and not any(k.sort_vocabulary for k in full)
   assert len(cands) == len(set(cands)) >= 5
 
 
@@ -90,8 +91,8 @@ def test_tunes_on_a_gpu(tmp_path):
 
 def test_default_candidates_add_the_triton_and_xla_alternatives_on_hopper(monkeypatch):
   monkeypatch.setattr(autotune.mosaic_pipeline, "is_hopper", lambda: True)
-  filtered = autotune.default_candidates(4096, 128256, 4096)
-  full = autotune.default_candidates(4096, 128256, 4096, filtered=False)
+  filtered = autotune.default_candidates(4096, 128256, 4096, filtered=True)
+  full = autotune.default_candidates(4096, 128256, 4096)
   assert any(k.forward_kernel == "triton" for k in filtered)
   assert any(k.dense_backward_kernel == "xla" for k in filtered)
   assert any(k.dense_backward_kernel == "xla" for k in full)

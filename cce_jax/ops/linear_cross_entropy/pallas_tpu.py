@@ -6,11 +6,14 @@ target logit, logit sum and softmax-mean logit, from which `stats_losses` forms 
 and, in `dispatch`, ignore_index, shift, weights and the reductions), so every option runs through the kernels.
 
 Forward: `tpu_forward` (grid over token, vocabulary and hidden-size blocks; an fp32 VMEM logit tile and an online
-log-sum-exp). Backward: `tpu_backward` (two kernels recomputing the logit tiles, fp32 dE and dC row blocks in
-VMEM). Gradient filtering is per [grad_block_n, grad_block_v] tile in the backward kernels: a tile below
-`filter_eps` skips its gradient GEMMs but not its logits, so on a TPU it saves at most half of the backward's
-work; whether more pays (the GPU's keep masks, vocabulary sorting) is to be measured on a TPU. Exact mode:
-HIGHEST matmul precision, no filtering; the kernels are deterministic in every mode.
+log-sum-exp). Backward (`PallasTpuConfig.backward`): "fused", the default, `tpu_fused_backward` (one kernel
+recomputing each logit tile once for both gradients, dC's fp32 row block in VMEM, dE's fp32 tiles
+read-modify-written in HBM; four N·V·D GEMMs with the forward's), or "split", `tpu_backward` (two kernels
+recomputing the logit tiles, fp32 dE and dC row blocks in VMEM; five GEMMs); the default follows the roofline
+(`tpu_roofline`). Gradient filtering is per [grad_block_n, grad_block_v] tile in either backward: a tile below
+`filter_eps` skips its gradient GEMMs but not its logits, so on a TPU it saves at most two thirds of the fused
+backward's work; whether more pays (the GPU's keep masks, vocabulary sorting) is to be measured on a TPU. Exact
+mode: HIGHEST matmul precision, no filtering; the kernels are deterministic in every mode.
 
 Not yet measured on a TPU: the kernels are checked in the TPU interpreter on CPU and lowered to Mosaic by
 `jax.export` for the TPU platform (the tests), with block sizes from the roofline (`tpu_config`).
@@ -27,6 +30,7 @@ from cce_jax.ops.linear_cross_entropy import base
 from cce_jax.ops.linear_cross_entropy import stats_losses
 from cce_jax.ops.linear_cross_entropy import tpu_backward
 from cce_jax.ops.linear_cross_entropy import tpu_forward
+from cce_jax.ops.linear_cross_entropy import tpu_fused_backward
 from cce_jax.ops.linear_cross_entropy import tpu_tiles
 from cce_jax.ops.linear_cross_entropy.base import LogitStats
 from cce_jax.ops.linear_cross_entropy.tpu_config import PallasTpuConfig
@@ -84,7 +88,8 @@ def _stats_fwd(spec, e_NxD, c_VxD, bias_V, targets_N):
 
 
 def _stats_bwd(spec, residuals, cotangents):
-  return tpu_backward.gradients(spec.stats, spec.config, residuals, cotangents, interpret=spec.interpret)
+  backward = tpu_fused_backward if spec.config.backward == "fused" else tpu_backward
+  return backward.gradients(spec.stats, spec.config, residuals, cotangents, interpret=spec.interpret)
 
 
 _stats.defvjp(_stats_fwd, _stats_bwd)

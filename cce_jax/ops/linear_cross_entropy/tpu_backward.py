@@ -1,7 +1,9 @@
-"""The Mosaic TPU backward of "pallas_tpu": dE (`cce_tpu_de`) and dC with the bias gradient (`cce_tpu_dc`).
+"""The split Mosaic TPU backward of "pallas_tpu" (`PallasTpuConfig.backward="split"`): dE (`cce_tpu_de`) and dC
+with the bias gradient (`cce_tpu_dc`); also the per-token array and the dZ tile that the fused backward
+(`tpu_fused_backward`, the default) shares.
 
-Two kernels, each recomputing the logit tiles (no N×V array; five N·V·D GEMMs in forward and backward instead of
-four: the first version is the simplest correct one, not yet tuned on a TPU).
+Two kernels, each recomputing the logit tiles (no N×V array; five N·V·D GEMMs in forward and backward, the fused
+backward's four plus one; no read-modify-write of a gradient in HBM).
 
 `cce_tpu_de`, grid (token blocks i, vocabulary blocks j, stage, hidden-size blocks k); `cce_tpu_dc` the same with
 the first two swapped. Stage 0 accumulates the [block_n, block_v] logit tile over k in fp32 VMEM; at the first k
@@ -39,12 +41,8 @@ ROW_FIELDS = ("lse", "mean", "g_lse", "g_target", "g_sum", "g_mean", "inv_row_sc
 def gradients(spec: base.StatsSpec, config: PallasTpuConfig, residuals, cotangents, *, interpret: bool):
   """(dE, dC, dbias, None) of the statistics from the residuals (e, c, bias, targets, lse, mean) and the four
   per-token cotangents; dE [N, D] in e's dtype, dC [V, D] in c's, dbias [V] in the bias's (or None)."""
-  e_NxD, c_VxD, bias_V, targets_N, lse, mean = residuals
-  (g_lse, g_st, g_sum, g_mean), inv_row_scale = base.backward_cotangents(spec, residuals, cotangents)
-  # Rows without a cotangent add nothing; selecting them away also keeps an ignored row's NaN out of dC. A NaN
-  # cotangent (an out-of-range target) stays live, so the NaN reaches the gradients.
-  live = ((inv_row_scale != 0) | (g_sum != 0)).astype(lse.dtype)
-  rows_NxF = jnp.stack([lse, mean, g_lse, g_st, g_sum, g_mean, inv_row_scale, live], axis=1)
+  e_NxD, c_VxD, bias_V, targets_N = residuals[:4]
+  rows_NxF = pack_rows(spec, residuals, cotangents)
   n, d = e_NxD.shape
   v = c_VxD.shape[0]
   targets_Nx1 = targets_N.astype(jnp.int32).reshape(n, 1)
@@ -55,6 +53,39 @@ def gradients(spec: base.StatsSpec, config: PallasTpuConfig, residuals, cotangen
   dc = dc[:, :d].astype(c_VxD.dtype)
   db = None if bias_V is None else db[0].astype(bias_V.dtype)
   return de, dc, db, None
+
+
+def pack_rows(spec: base.StatsSpec, residuals, cotangents):
+  """The per-token array the backward kernels read: [N, len(ROW_FIELDS)] in the accumulation dtype."""
+  lse, mean = residuals[4], residuals[5]
+  (g_lse, g_st, g_sum, g_mean), inv_row_scale = base.backward_cotangents(spec, residuals, cotangents)
+  # Rows without a cotangent add nothing; selecting them away also keeps an ignored row's NaN out of dC. A NaN
+  # cotangent (an out-of-range target) stays live, so the NaN reaches the gradients.
+  live = ((inv_row_scale != 0) | (g_sum != 0)).astype(lse.dtype)
+  return jnp.stack([lse, mean, g_lse, g_st, g_sum, g_mean, inv_row_scale, live], axis=1)
+
+
+def tile_dz(acc_ref, b_ref, t_ref, rows_ref, i, j, *, n, v, spec: base.StatsSpec):
+  """(dZ, keep) of the finished logit tile of token block i and vocabulary block j: dZ = dS · ds/dz [bn, bv] in
+  the accumulation dtype, zero in rows past N, columns past V and rows without a cotangent; keep an int32 scalar,
+  0 where the tile is below spec.filter_eps everywhere (its gradient GEMMs may be skipped), else 1."""
+  bn, bv = acc_ref.shape
+  s, dsdz = tpu_tiles.logits(acc_ref, b_ref, spec)
+  row_ok = tpu_tiles.index_column(i * bn, (bn, 1)) < n
+  rows = jnp.where(row_ok, rows_ref[...], 0.0)
+  col = lambda name: rows[:, ROW_FIELDS.index(name):ROW_FIELDS.index(name) + 1]
+  cols = tpu_tiles.index_row(j * bv, bv)
+  ds = base.tile_dlogits(s, cols, t_ref[...], col("lse"), col("mean"), col("g_lse"), col("g_target"),
+                         col("g_sum"), col("g_mean"), spec)
+  ok = row_ok & (col("live") != 0) & (cols[None, :] < v)
+  # Select after every product: ds/dz is NaN wherever the tile was read past N or V.
+  ds = jnp.where(ok, ds, 0.0)
+  dz = jnp.where(ok, ds * dsdz, 0.0)
+  if spec.filter_eps is None:
+    keep = jnp.int32(1)
+  else:
+    keep = jnp.where(jnp.max(jnp.abs(ds) * col("inv_row_scale")) < spec.filter_eps, 0, 1).astype(jnp.int32)
+  return dz, keep
 
 
 def _call(spec, config, which, e_NxD, c_VxD, bias_1xV, targets_Nx1, rows_NxF, interpret):
@@ -135,22 +166,8 @@ def _kernel(*refs, spec, which, n, v, d, has_bias):
 
   @pl.when((stage == 1) & (k == 0))
   def _dlogits():
-    s, dsdz = tpu_tiles.logits(acc_ref, b_ref, spec)
-    row_ok = tpu_tiles.index_column(i * bn, (bn, 1)) < n
-    rows = jnp.where(row_ok, rows_ref[...], 0.0)
-    col = lambda name: rows[:, ROW_FIELDS.index(name):ROW_FIELDS.index(name) + 1]
-    cols = tpu_tiles.index_row(j * bv, bv)
-    ds = base.tile_dlogits(s, cols, t_ref[...], col("lse"), col("mean"), col("g_lse"), col("g_target"),
-                           col("g_sum"), col("g_mean"), spec)
-    ok = row_ok & (col("live") != 0) & (cols[None, :] < v)
-    # Select after every product: ds/dz is NaN wherever the tile was read past N or V.
-    ds = jnp.where(ok, ds, 0.0)
-    dz = jnp.where(ok, ds * dsdz, 0.0)
+    dz, keep_ref[0] = tile_dz(acc_ref, b_ref, t_ref, rows_ref, i, j, n=n, v=v, spec=spec)
     dz_ref[...] = dz.astype(dz_ref.dtype)
-    if spec.filter_eps is None:
-      keep_ref[0] = jnp.int32(1)
-    else:
-      keep_ref[0] = jnp.where(jnp.max(jnp.abs(ds) * col("inv_row_scale")) < spec.filter_eps, 0, 1)
     if with_db:
       @pl.when(keep_ref[0] != 0)
       def _():

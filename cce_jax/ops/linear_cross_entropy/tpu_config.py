@@ -4,6 +4,8 @@ Not yet tuned on a TPU: the defaults follow the roofline of each generation (bel
 A token block of bn rows reads each classifier row once per bn tokens (bn FLOP per byte of c at bf16), and a
 vocabulary block of bv rows each hidden state once per bv entries; both blocks sit above the generation's ridge
 point (peak MXU FLOP/s / HBM bytes/s) where VMEM allows, and are multiples of the MXU width (128; 256 on v6e).
+The backward ("fused" or "split") and the fused backward's tiles are those the roofline (`tpu_roofline`) expects
+fastest for the shape; at the benchmark shapes that is the fused backward on every generation.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ SUBLANES, LANES = 8, 128
 
 
 class TpuGeneration(NamedTuple):
-  """One TPU chip's peak dense bf16 MXU FLOP/s, HBM bandwidth (bytes/s), VMEM per TensorCore (bytes) and MXU
-  width. Public spec sheets (cloud.google.com/tpu/docs/system-architecture-tpu-vm); VMEM as jax's `tpu_info`."""
+  """One TPU chip's peak dense bf16 MXU FLOP/s, HBM bandwidth (bytes/s), VMEM per TensorCore (bytes), MXU width
+  and TensorCores (2 on the megacore chips, v4 and v5p, whose "parallel" grid dimensions are split over both).
+  Public spec sheets (cloud.google.com/tpu/docs/system-architecture-tpu-vm); VMEM as jax's `tpu_info`."""
 
   mxu_flops: float
   hbm_bytes_per_s: float
   vmem_bytes: int
   mxu: int
+  cores: int = 1
 
   @property
   def ridge(self) -> float:
@@ -34,10 +38,10 @@ class TpuGeneration(NamedTuple):
 
 
 GENERATIONS = {
-    "v4": TpuGeneration(275e12, 1.2e12, 16 << 20, 128),
-    "v5e": TpuGeneration(197e12, 0.819e12, 128 << 20, 128),
-    "v5p": TpuGeneration(459e12, 2.765e12, 64 << 20, 128),
-    "v6e": TpuGeneration(918e12, 1.64e12, 128 << 20, 256),
+    "v4": TpuGeneration(275e12, 1.2e12, 16 << 20, 128, 2),
+    "v5e": TpuGeneration(197e12, 0.819e12, 128 << 20, 128, 1),
+    "v5p": TpuGeneration(459e12, 2.765e12, 64 << 20, 128, 2),
+    "v6e": TpuGeneration(918e12, 1.64e12, 128 << 20, 256, 1),
 }
 # The share of VMEM a config may plan for (Mosaic's own buffers and the compiler's temporaries take the rest).
 _VMEM_SHARE = 0.75
@@ -72,8 +76,11 @@ class PallasTpuConfig:
   Attributes:
     block_n, block_v, block_d: the forward's token, vocabulary and hidden-size blocks (grid: token blocks,
       vocabulary blocks, hidden-size blocks; an fp32 [block_n, block_v] logit tile in VMEM).
-    grad_block_n, grad_block_v, grad_block_d: the backward's. Its dE kernel keeps an fp32 [grad_block_n, D] row
-      block of dE in VMEM, its dC kernel an fp32 [grad_block_v, D] one.
+    grad_block_n, grad_block_v, grad_block_d: the backward's. The split backward's dE kernel keeps an fp32
+      [grad_block_n, D] row block of dE in VMEM, its dC kernel an fp32 [grad_block_v, D] one; the fused backward
+      keeps the dC row block and read-modify-writes fp32 [grad_block_n, grad_block_d] tiles of dE in HBM.
+    backward: "fused" (`tpu_fused_backward`: one kernel, each logit tile recomputed once for dE and dC, four
+      N·V·D GEMMs in forward and backward) or "split" (`tpu_backward`: a dE and a dC kernel, five GEMMs).
     generation: "v4", "v5e", "v5p" or "v6e": the VMEM budget `check_vmem` holds the tiles to.
     vmem_limit_bytes: Mosaic's scoped VMEM limit; None: the planned need plus a quarter (at least 16 MiB, at most
       90% of the generation's VMEM).
@@ -90,6 +97,7 @@ class PallasTpuConfig:
   grad_block_d: int = 512
   generation: str = "v5e"
   vmem_limit_bytes: int | None = None
+  backward: str = "fused"
 
   def __post_init__(self):
     for name in ("block_n", "block_v", "block_d", "grad_block_n", "grad_block_v", "grad_block_d"):
@@ -99,6 +107,8 @@ class PallasTpuConfig:
         raise ValueError(f"PallasTpuConfig.{name} must be a positive multiple of {step}, got {value!r}")
     if self.generation not in GENERATIONS:
       raise ValueError(f"PallasTpuConfig.generation must be one of {tuple(GENERATIONS)}, got {self.generation!r}")
+    if self.backward not in ("fused", "split"):
+      raise ValueError(f"PallasTpuConfig.backward must be 'fused' or 'split', got {self.backward!r}")
     if self.vmem_limit_bytes is not None and (not isinstance(self.vmem_limit_bytes, int)
                                               or isinstance(self.vmem_limit_bytes, bool)
                                               or self.vmem_limit_bytes < 1):
@@ -106,18 +116,40 @@ class PallasTpuConfig:
                        f"{self.vmem_limit_bytes!r}")
 
   @classmethod
-  def for_shape(cls, n: int, v: int, d: int, *, itemsize: int = 4,
-                generation: str | None = None) -> "PallasTpuConfig":
+  def for_shape(cls, n: int, v: int, d: int, *, itemsize: int = 4, generation: str | None = None,
+                backward: str | None = None) -> "PallasTpuConfig":
     """The default for N tokens, V entries, hidden size D and inputs of `itemsize` bytes on `generation` (None:
-    the default device's): the largest tiles, from 1024 down, that fit the generation's VMEM budget."""
+    the default device's). The forward's and the split backward's tiles: the largest square ones, from 1024
+    down, that fit the generation's VMEM budget. The fused backward's: of the token, vocabulary (up to 2048) and
+    hidden-size blocks (512, 1024 or the whole D) that fit, those the roofline (`tpu_roofline`) expects
+    fastest. backward None: whichever of "fused" and "split" the roofline expects faster with its tiles."""
+    from cce_jax.ops.linear_cross_entropy import tpu_roofline  # pylint: disable=g-import-not-at-top (a cycle)
     generation = generation or default_generation()
     budget, mxu = _budget(generation), GENERATIONS[generation].mxu
     sizes = [s for s in (1024, 768, 512, 256, 128) if s % mxu == 0]
     fwd = next((b for b in sizes if _forward_bytes(b, b, 512, itemsize) <= budget), sizes[-1])
     bwd = next((b for b in sizes if _backward_bytes(b, b, min(512, d), d, itemsize) <= budget), sizes[-1])
-    del n, v
-    return cls(block_n=fwd, block_v=fwd, block_d=512, grad_block_n=bwd, grad_block_v=bwd, grad_block_d=512,
-               generation=generation)
+    split = cls(block_n=fwd, block_v=fwd, block_d=512, grad_block_n=bwd, grad_block_v=bwd, grad_block_d=512,
+                generation=generation, backward="split")
+    if backward == "split":
+      return split
+    fused = []
+    for bn in sizes:
+      for bv in [2048] + sizes:
+        for bd in sorted({512, 1024, _lanes(d)}):
+          if bv % mxu == 0 and _fused_backward_bytes(bn, bv, min(bd, d), d, itemsize) <= budget:
+            fused.append(dataclasses.replace(split, grad_block_n=bn, grad_block_v=bv, grad_block_d=bd,
+                                             backward="fused"))
+    if not fused:
+      fused.append(dataclasses.replace(split, grad_block_n=sizes[-1], grad_block_v=sizes[-1], backward="fused"))
+    model = lambda cfg: tpu_roofline.loss_and_gradient_s(cfg, n, v, d, itemsize=itemsize)
+    # Fastest, then fewest bytes, then the largest tiles (the roofline ties wherever the MXU bounds).
+    key = lambda cfg: (model(cfg), sum(k.hbm_s for k in tpu_roofline.expected(cfg, n, v, d).values()),
+                       -cfg.grad_block_n * cfg.grad_block_v)
+    best = min(fused, key=key)
+    if backward == "fused":
+      return best
+    return best if model(best) <= model(split) else split
 
   def tiles(self, n: int, v: int, d: int) -> "Tiles":
     """The blocks that run on N tokens, V entries and hidden size D: each no larger than its dimension (a whole
@@ -130,10 +162,16 @@ class PallasTpuConfig:
     """A one-line ValueError when the planned VMEM of either kernel exceeds the generation's budget."""
     tiles, budget = self.tiles(n, v, d), _budget(self.generation)
     for what, need, fields in (("forward", tiles.forward_vmem(itemsize), "block_n/block_v/block_d"),
-                               ("backward", tiles.backward_vmem(d, itemsize), "grad_block_n/grad_block_v")):
+                               (f"{self.backward} backward", self.backward_vmem(n, v, d, itemsize),
+                                "grad_block_n/grad_block_v")):
       if need > budget:
         raise ValueError(f"PallasTpuConfig: the {what} tiles need {need / 2**20:.1f} MiB of VMEM at D={d}, above "
                          f"{self.generation}'s {budget / 2**20:.0f} MiB budget; lower {fields}")
+
+  def backward_vmem(self, n: int, v: int, d: int, itemsize: int) -> int:
+    """The planned VMEM bytes of the configured backward's kernel(s)."""
+    tiles = self.tiles(n, v, d)
+    return tiles.fused_backward_vmem(d, itemsize) if self.backward == "fused" else tiles.backward_vmem(d, itemsize)
 
   def vmem_limit(self, need: int) -> int:
     """Mosaic's scoped VMEM limit for a kernel planned at `need` bytes."""
@@ -158,6 +196,9 @@ class Tiles(NamedTuple):
   def backward_vmem(self, d: int, itemsize: int) -> int:
     return _backward_bytes(self.grad_block_n, self.grad_block_v, self.grad_block_d, d, itemsize)
 
+  def fused_backward_vmem(self, d: int, itemsize: int) -> int:
+    return _fused_backward_bytes(self.grad_block_n, self.grad_block_v, self.grad_block_d, d, itemsize)
+
 
 def _budget(generation: str) -> int:
   return int(GENERATIONS[generation].vmem_bytes * _VMEM_SHARE)
@@ -181,3 +222,13 @@ def _backward_bytes(bn, bv, bd, d, itemsize):
   resident = 2 * rows * _lanes(blocks) * 4
   inputs = 2 * (bn + bv) * _lanes(bd) * itemsize
   return resident + inputs + (2 + _TILE_TEMPORARIES) * bn * _lanes(bv) * 4 + 8 * rows * LANES * 4
+
+
+def _fused_backward_bytes(bn, bv, bd, d, itemsize):
+  """The fused backward: the double-buffered fp32 row block of dC ([bv, D]) and its bias gradient, the e and c
+  blocks, the logit tile, its dZ and temporaries, the fp32 [bn, bd] dE tile it read-modify-writes."""
+  blocks = -(-d // bd) * bd if bd < d else d
+  resident = 2 * bv * _lanes(blocks) * 4 + 2 * SUBLANES * _lanes(bv) * 4
+  inputs = 2 * (bn + bv) * _lanes(bd) * itemsize
+  return (resident + inputs + (2 + _TILE_TEMPORARIES) * bn * _lanes(bv) * 4 + bn * _lanes(bd) * 4
+          + 4 * bn * LANES * 4)

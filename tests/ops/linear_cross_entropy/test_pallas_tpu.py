@@ -180,7 +180,7 @@ def test_config_vmem_budget():
       mxu = 256 if generation == "v6e" else 128
       assert cfg.block_n % mxu == 0 and cfg.grad_block_v % mxu == 0
       assert min(cfg.block_n, cfg.block_v) >= tpu_config.GENERATIONS[generation].ridge  # above the ridge point
-  with pytest.raises(ValueError, match=r"^PallasTpuConfig: the backward tiles need .* v4's 12 MiB budget; lower"):
+  with pytest.raises(ValueError, match=r"^PallasTpuConfig: the fused backward tiles need .* v4's 12 MiB budget"):
     PallasTpuConfig(block_n=256, block_v=256, grad_block_n=1024, grad_block_v=1024,
                     generation="v4").check_vmem(8192, 256000, 4096, 2)
   cfg = PallasTpuConfig(block_n=64, block_v=1024)
@@ -195,13 +195,15 @@ def test_generation_of_device_kind(kind, generation):
   assert tpu_config.generation_of(kind) == generation
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_kernels_lower_to_mosaic_for_tpu(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,backward,generation", [(jnp.bfloat16, "fused", "v5p"), (jnp.float32, "fused", "v5e"),
+                                                      (jnp.bfloat16, "split", "v5e")])
+def test_kernels_lower_to_mosaic_for_tpu(dtype, backward, generation, monkeypatch):
   """Forward and backward lower to Mosaic TPU custom calls (the Pallas TPU lowering runs without a TPU), with
-  edge blocks in every dimension, a bias, a softcap and the filter; token_logprobs too."""
+  edge blocks in every dimension, a bias, a softcap and the filter; token_logprobs too. The fused backward on
+  v5p splits its vocabulary blocks over two cores (four blocks: two each)."""
   n, d, v = 100, 640, 1000
   cfg = PallasTpuConfig(block_n=64, block_v=256, block_d=256, grad_block_n=64, grad_block_v=256, grad_block_d=256,
-                        generation="v5e")
+                        generation=generation, backward=backward)
   e, c = jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((v, d), dtype)
   b, t = jax.ShapeDtypeStruct((v,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32)
   resolve = validation.resolve_implementation  # dispatch asks the default backend; the lowering targets a TPU
@@ -214,7 +216,8 @@ def test_kernels_lower_to_mosaic_for_tpu(dtype, monkeypatch):
                    (jax.grad(loss(filter_eps=1e-4), argnums=(0, 1, 2)), (e, c, b, t)),
                    (jax.grad(logp, argnums=(0, 1)), (e, c, t))):
     text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
-    assert text.count("tpu_custom_call") == 3, text[:2000]  # cce_tpu_fwd, cce_tpu_de, cce_tpu_dc
+    kernels = 2 if backward == "fused" else 3  # cce_tpu_fwd and cce_tpu_bwd, or cce_tpu_de and cce_tpu_dc
+    assert text.count("tpu_custom_call") == kernels, text[:2000]
 
 
 def _check_vocabulary_split():

@@ -8,10 +8,10 @@ Each --panel is `TITLE=DIR[,DIR...]`: the results.json files that `experiments/q
 model (their rows are merged; a recipe met twice must have the same perplexity, the runs being deterministic).
 The calibrated recipes of `quant.calib_recipes` become one line per method through their W3 and W4 points (x: the
 bits per weight of the quantized kernels, scales included, with codes counted at their format's width: int3 codes
-are stored in 4-bit containers, so a W3 row's storage bits are one more; y: held-out perplexity, log scale); the RTN
-formats of `quant.recipes` (int8, nvfp4, ...), where present, are labelled points; the full-precision baseline is
-a dashed line. Also printed: a markdown table per panel and the ordering checks of the GPTQ / AWQ papers
-(AWQ ≤ GPTQ ≤ RTN, act-order GPTQ ≤ GPTQ, AWQ+GPTQ against both) at each bit width.
+are stored in 4-bit containers, so a W3 row's storage bits are one more; y: held-out perplexity, on a log axis
+where it spans over 3×); the RTN formats of `quant.recipes` (int8, nvfp4, ...), where present, are labelled points;
+the full-precision baseline is a dashed line. Also printed: a markdown table per panel and the ordering checks of
+the GPTQ / AWQ papers (AWQ ≤ GPTQ ≤ RTN, act-order GPTQ ≤ GPTQ, AWQ+GPTQ against both) at each bit width.
 """
 
 from __future__ import annotations
@@ -96,36 +96,58 @@ def table(rows: dict[str, dict]) -> str:
   return "\n".join(out)
 
 
+def _draw(ax, rows: dict[str, dict]):
+  """The baseline, one line per calibrated method and the RTN formats' labelled points on one axis."""
+  base = rows[BASELINE]["perplexity"]
+  ax.axhline(base, color="gray", ls="--", lw=1, label=f"fp32: {base:.3f}")
+  for (label, pattern), marker in zip(METHODS.items(), ["o", "s", "^", "D", "v"]):
+    pts = [rows[pattern.format(b=b)] for b in BITS if pattern.format(b=b) in rows]
+    if pts:
+      ax.plot([code_bits(r) for r in pts], [r["perplexity"] for r in pts], marker=marker, ms=5, lw=1.2, label=label)
+  # int4_g128 is rtn_w4_g128 under its RTN name (calib_recipes): one point
+  others = sorted((r for name, r in rows.items() if name not in (BASELINE, "int4_g128")
+                   and not _CALIBRATED.match(name)), key=lambda r: (code_bits(r), r["perplexity"]))
+  for i, r in enumerate(others):
+    ax.scatter(code_bits(r), r["perplexity"], s=14, color="black", zorder=3)
+    ax.annotate(r["recipe"], (code_bits(r), r["perplexity"]), textcoords="offset points",
+                xytext=(5, 0) if i % 2 else (-5, 0), ha="left" if i % 2 else "right", va="center", fontsize=7)
+  if others:
+    ax.scatter([], [], s=14, color="black", label="RTN formats")
+
+
 def plot(panels: list[tuple[str, dict[str, dict]]], path: str):
+  """One panel per model; the x axis is broken between 5 and 7.5 bits when 8-bit rows are present."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.6), squeeze=False)
-  markers = ["o", "s", "^", "D", "v"]
-  for ax, (title, rows) in zip(axes[0], panels):
-    base = rows[BASELINE]["perplexity"]
-    ax.axhline(base, color="gray", ls="--", lw=1, label=f"fp32: {base:.3f}")
-    for (label, pattern), marker in zip(METHODS.items(), markers):
-      pts = [rows[pattern.format(b=b)] for b in BITS if pattern.format(b=b) in rows]
-      if pts:
-        ax.plot([code_bits(r) for r in pts], [r["perplexity"] for r in pts], marker=marker, ms=5, lw=1.2,
-                label=label)
-    others = sorted((r for name, r in rows.items() if name != BASELINE and not _CALIBRATED.match(name)),
-                    key=lambda r: (code_bits(r), r["perplexity"]))
-    for i, r in enumerate(others):
-      ax.scatter(code_bits(r), r["perplexity"], s=14, color="black", zorder=3)
-      ax.annotate(r["recipe"], (code_bits(r), r["perplexity"]), textcoords="offset points",
-                  xytext=(5, 0) if i % 2 else (-5, 0), ha="left" if i % 2 else "right", va="center", fontsize=7)
-    if others:
-      ax.scatter([], [], s=14, color="black", label="RTN formats")
-    ax.set_yscale("log")
-    ax.margins(x=0.12)
-    ax.set_xlabel("bits per weight (quantized kernels: codes at their width, scales included)")
-    ax.set_ylabel("perplexity (held-out tokens, log scale)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
+  fig = plt.figure(figsize=(6.4 * len(panels), 4.8))
+  outer = fig.add_gridspec(1, len(panels), wspace=0.22)
+  for k, (title, rows) in enumerate(panels):
+    xs = [code_bits(r) for name, r in rows.items() if name != BASELINE]
+    broken = max(xs) > 6
+    grid = outer[0, k].subgridspec(1, 2, width_ratios=[5, 1], wspace=0.04)
+    lo = fig.add_subplot(grid[0, 0] if broken else grid[0, :])
+    axes = [lo] + ([fig.add_subplot(grid[0, 1], sharey=lo)] if broken else [])
+    for ax in axes:
+      _draw(ax, rows)
+    ppl = [r["perplexity"] for r in rows.values()]
+    log = max(ppl) > 3 * min(ppl)  # a log axis only where perplexities span a wide range
+    if log:
+      lo.set_yscale("log")
+    if broken:
+      lo.set_xlim(min(xs) - 0.35, 5.0)
+      axes[1].set_xlim(7.6, 8.7)
+      lo.spines["right"].set_visible(False)
+      axes[1].spines["left"].set_visible(False)
+      axes[1].tick_params(axis="y", which="both", left=False, labelleft=False)
+    else:
+      lo.margins(x=0.12)
+    lo.set_xlabel("bits per weight (quantized kernels: codes at their width, scales included)", fontsize=8)
+    lo.set_ylabel("perplexity (held-out tokens" + (", log scale)" if log else ")"))
+    lo.set_title(title, fontsize=10)
+    lo.legend(fontsize=7)
+  fig.subplots_adjust(left=0.06, right=0.98, bottom=0.12, top=0.93)
   fig.savefig(path, dpi=120)
   plt.close(fig)
 

@@ -140,8 +140,8 @@ class PallasTpuConfig:
           if bv % mxu == 0 and _fused_backward_bytes(bn, bv, min(bd, d), d, itemsize) <= budget:
             fused.append(dataclasses.replace(split, grad_block_n=bn, grad_block_v=bv, grad_block_d=bd,
                                              backward="fused"))
-    if not fused:
-      fused.append(dataclasses.replace(split, grad_block_n=sizes[-1], grad_block_v=sizes[-1], backward="fused"))
+    if not fused:  # no fused tiles fit (D too large for the generation's VMEM): the split tiles' check says so
+      return split if backward is None else dataclasses.replace(split, backward="fused")
     model = lambda cfg: tpu_roofline.loss_and_gradient_s(cfg, n, v, d, itemsize=itemsize)
     # Fastest, then fewest bytes, then the largest tiles (the roofline ties wherever the MXU bounds).
     key = lambda cfg: (model(cfg), sum(k.hbm_s for k in tpu_roofline.expected(cfg, n, v, d).values()),

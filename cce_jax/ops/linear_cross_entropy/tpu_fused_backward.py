@@ -13,7 +13,8 @@ into dE.
 - Which gradient stays in VMEM. dC: its fp32 row block [grad_block_v, D] is the kernel's output block for
   vocabulary block jj, resident across the inner (i, stage, k) loops and written to HBM once. dE is
   read-modify-written: an fp32 [grad_block_n, grad_block_d] tile is read from HBM (a DMA started before the
-  tile's GEMMs and waited after them), added to and written back, once per vocabulary block. With the
+  tile's GEMMs and waited after them), added to and written back (a DMA waited before the step ends, so not yet
+  overlapped with the next step's work), once per vocabulary block. With the
   vocabulary outermost that is 8 bytes per dE entry per vocabulary block, 8 · N · D · cdiv(V, grad_block_v)
   bytes in all; dC outermost would move 8 · V · D · cdiv(N, grad_block_n), more wherever V > N, and would need
   an fp32 [V, D] accumulator in HBM (4 GiB at V 256k, D 4096) where dE's is small.

@@ -13,8 +13,9 @@ into dE.
 - Which gradient stays in VMEM. dC: its fp32 row block [grad_block_v, D] is the kernel's output block for
   vocabulary block jj, resident across the inner (i, stage, k) loops and written to HBM once. dE is
   read-modify-written: an fp32 [grad_block_n, grad_block_d] tile is read from HBM (a DMA started before the
-  tile's GEMMs and waited after them), added to and written back (a DMA waited before the step ends, so not yet
-  overlapped with the next step's work), once per vocabulary block. With the
+  tile's GEMMs and waited after them), added to and written back (a DMA waited at the next step that writes a dE
+  tile, so it overlaps the work in between: the next tile's logits when D is one block), once per vocabulary
+  block. With the
   vocabulary outermost that is 8 bytes per dE entry per vocabulary block, 8 · N · D · cdiv(V, grad_block_v)
   bytes in all; dC outermost would move 8 · V · D · cdiv(N, grad_block_n), more wherever V > N, and would need
   an fp32 [V, D] accumulator in HBM (4 GiB at V 256k, D 4096) where dE's is small.
@@ -95,7 +96,7 @@ def gradients(spec: base.StatsSpec, config: PallasTpuConfig, residuals, cotangen
       out_specs=out_specs,
       out_shape=manual_axes.kernel_out(outs, e_NxD),
       scratch_shapes=[pltpu.VMEM((bn, bv), acc), pltpu.VMEM((bn, bv), mm), pltpu.SMEM((1,), jnp.int32),
-                      pltpu.VMEM((bn, bd), acc), pltpu.SemaphoreType.DMA((2,))],
+                      pltpu.VMEM((bn, bd), acc), pltpu.SMEM((1,), jnp.int32), pltpu.SemaphoreType.DMA((2,))],
       compiler_params=tpu_tiles.compiler_params(
           ("parallel", "arbitrary", "arbitrary", "arbitrary", "arbitrary"),
           config.vmem_limit(tiles.fused_backward_vmem(d, itemsize)), interpret),
@@ -132,14 +133,18 @@ def _loop_under_vmap(fn):
 
 def _kernel(*refs, spec, n, v, d, nj, per_core, has_bias):
   (e_ref, c_ref, b_ref, t_ref, rows_ref, de_hbm, dc_ref, db_ref, acc_ref, dz_ref, keep_ref, de_tile,
-   sems) = kernel_refs.unpack(
+   pending_ref, sems) = kernel_refs.unpack(
        refs, e=True, c=True, bias=has_bias, targets=True, rows=True, de=True, dc=True, db=has_bias, acc=True,
-       dz=True, keep=True, de_tile=True, sems=True)
+       dz=True, keep=True, de_tile=True, pending=True, sems=True)
   p, j, i, stage, k = (pl.program_id(axis) for axis in range(5))
   jj = p * per_core + j
   real = jj < nj  # the last core's spare programs compute nothing
   bn, bd = e_ref.shape
   bv = c_ref.shape[0]
+
+  @pl.when((j == 0) & (i == 0) & (stage == 0) & (k == 0))
+  def _start_of_core():
+    pending_ref[0] = jnp.int32(0)  # no dE write in flight
 
   @pl.when(real & (i == 0) & (stage == 0) & (k == 0))
   def _init():
@@ -168,6 +173,14 @@ def _kernel(*refs, spec, n, v, d, nj, per_core, has_bias):
   grad_step = real & (stage == 1)
   kept = grad_step & (keep_ref[0] != 0)
   first = j == 0  # this core's first vocabulary block writes its dE tiles, later ones add to them
+  writes = kept | (grad_step & first)
+
+  # The previous dE write still reads de_tile (and may target the tile read next): wait for it first. A wait
+  # needs the semaphore and the copy's size, which every step's tile shares.
+  @pl.when(writes & (pending_ref[0] != 0))
+  def _drain():
+    write.wait()
+    pending_ref[0] = jnp.int32(0)
 
   @pl.when(kept & ~first)
   def _read():
@@ -197,7 +210,15 @@ def _kernel(*refs, spec, n, v, d, nj, per_core, has_bias):
   def _zeros():
     de_tile[...] = jnp.zeros_like(de_tile)
 
-  @pl.when(kept | (grad_step & first))
+  @pl.when(writes)
   def _write():
-    write.start()
+    write.start()  # waited by the next step that writes, or at the core's last step
+    pending_ref[0] = jnp.int32(1)
+
+  last = ((j == pl.num_programs(1) - 1) & (i == pl.num_programs(2) - 1) & (stage == 1)
+          & (k == pl.num_programs(4) - 1))
+
+  @pl.when(last & (pending_ref[0] != 0))
+  def _finish():
     write.wait()
+    pending_ref[0] = jnp.int32(0)

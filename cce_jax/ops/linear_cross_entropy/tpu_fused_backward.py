@@ -12,13 +12,12 @@ into dE.
 
 - Which gradient stays in VMEM. dC: its fp32 row block [grad_block_v, D] is the kernel's output block for
   vocabulary block jj, resident across the inner (i, stage, k) loops and written to HBM once. dE is
-  read-modify-written: an fp32 [grad_block_n, grad_block_d] tile is read from HBM (a DMA started before the
-  tile's GEMMs and waited after them), added to and written back (a DMA waited at the next step that writes a dE
-  tile, so it overlaps the work in between: the next tile's logits when D is one block), once per vocabulary
-  block. With the
-  vocabulary outermost that is 8 bytes per dE entry per vocabulary block, 8 · N · D · cdiv(V, grad_block_v)
-  bytes in all; dC outermost would move 8 · V · D · cdiv(N, grad_block_n), more wherever V > N, and would need
-  an fp32 [V, D] accumulator in HBM (4 GiB at V 256k, D 4096) where dE's is small.
+  read-modify-written, once per vocabulary block: an fp32 [grad_block_n, grad_block_d] tile is read from HBM (a
+  DMA started before the tile's GEMMs and waited after them), added to and written back (a DMA waited by the
+  next step that writes a dE tile, so it overlaps the work in between: the next tile's logits when D is one
+  block). With the vocabulary outermost that moves 8 bytes per dE entry per vocabulary block,
+  8 · N · D · cdiv(V, grad_block_v) in all; dC outermost would move 8 · V · D · cdiv(N, grad_block_n), more
+  wherever V > N, and would need an fp32 [V, D] accumulator in HBM (4 GiB at V 256k, D 4096) where dE's is small.
 - Accumulator memory: fp32 [cores, cdiv(N, bn) · bn, cdiv(D, bd) · bd] in HBM (output in `pl.ANY`, 128 MiB
   per core at N 8192, D 4096), summed over the cores and cast to e's dtype outside the kernel; the fp32 [V, D]
   dC and [1, V] bias gradient are the kernel's outputs, cast alike. The vocabulary block of program j == 0 of
@@ -36,6 +35,8 @@ into dE.
   past N and columns past V selected out of dZ, the rows of e and c entering a gradient GEMM zeroed. The dE
   accumulator is padded to whole blocks, so its DMAs never leave it; reads of e and c past their ends are those
   of Pallas's edge blocks, never out of bounds.
+- vmap: the kernel runs once per batch entry (`lax.map`), as vmap's extra grid dimension cannot block the dE
+  accumulator in `pl.ANY`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 r"""Plot: perplexity against bits per weight for RTN, GPTQ, AWQ and AWQ+GPTQ, one panel per model.
 
     python -m benchmarks.quant.plot_orderings \
-        --panel="tiny=/tmp/h3/tiny_calib,/tmp/h3/tiny_rtn" \
-        --panel="SmolLM2-135M=/tmp/h3/smollm2_w4,/tmp/h3/smollm2_w3" --out=docs/quant_orderings.png
+        --panel="tiny=/tmp/quant/tiny" \
+        --panel="SmolLM2-135M=/tmp/quant/smollm2_gptq,/tmp/quant/smollm2_awq" --out=docs/quant_orderings.png
 
 Each --panel is `TITLE=DIR[,DIR...]`: the results.json files that `experiments/quantize.py --out=DIR` wrote for one
 model (their rows are merged; a recipe met twice must have the same perplexity, the runs being deterministic).
@@ -10,8 +10,9 @@ The calibrated recipes of `quant.calib_recipes` become one line per method throu
 bits per weight of the quantized kernels, scales included, with codes counted at their format's width: int3 codes
 are stored in 4-bit containers, so a W3 row's storage bits are one more; y: held-out perplexity, on a log axis
 where it spans over 3×); the RTN formats of `quant.recipes` (int8, nvfp4, ...), where present, are labelled points;
-the full-precision baseline is a dashed line. Also printed: a markdown table per panel and the ordering checks of
-the GPTQ / AWQ papers (AWQ ≤ GPTQ ≤ RTN, act-order GPTQ ≤ GPTQ, AWQ+GPTQ against both) at each bit width.
+the full-precision baseline is a dashed line; the x axis is broken between 5 and 7.6 bits when 8-bit rows are
+present. Also printed: a markdown table per panel and the ordering checks of the GPTQ / AWQ papers (AWQ ≤ GPTQ ≤
+RTN, act-order GPTQ ≤ GPTQ, AWQ+GPTQ against both) at each bit width.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ import provenance  # experiments/provenance.py (this folder is on sys.path when 
 
 JAX_METHODS = ("naive", "xla_chunked", "xla_fused", "xla_fused_exact", "pallas_gpu", "pallas_gpu_sparse",
                "pallas_gpu_sorted", "pallas_gpu_triton", "pallas_gpu_lowmem", "pallas_gpu_full",
-               "pallas_gpu_full_recompute", "pallas_gpu_exact", "pallas_tpu", "pallas_tpu_filtered")
+               "pallas_gpu_full_recompute", "pallas_gpu_exact", "pallas_tpu", "pallas_tpu_split", "pallas_tpu_filtered")
 METHODS = JAX_METHODS + torch_anchors.ANCHORS
 
 _SHAPES = flags.DEFINE_list("shapes", ["gemma2_2b"], f"Shapes from {sorted(SHAPES)}.")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from cce_jax.ops.linear_cross_entropy.api import linear_cross_entropy
 from cce_jax.ops.linear_cross_entropy.config import PallasGpuConfig
+from cce_jax.ops.linear_cross_entropy.tpu_config import PallasTpuConfig
 from cce_jax.ops.linear_cross_entropy.timing import median_ms as median_ms
 
 
@@ -48,6 +49,12 @@ def loss_fn(method, softcap):
       cfg = dataclasses.replace(cfg, **overrides)
       return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_gpu", config=cfg, **kw)
     return variant
+  if method == "pallas_tpu_split":  # the two-kernel backward (the roofline's default is the fused one)
+    def split(e, c, t):
+      cfg = PallasTpuConfig.for_shape(e.shape[0], c.shape[0], c.shape[1], itemsize=e.dtype.itemsize,
+                                      backward="split")
+      return linear_cross_entropy(e, c, t, softcap=softcap, implementation="pallas_tpu", config=cfg)
+    return split
   kw = {"reference": dict(implementation="reference"), "xla_chunked": dict(implementation="xla_chunked"),
         "xla_fused": dict(implementation="xla_fused"), "xla_fused_exact": dict(implementation="xla_fused", exact=True),
         "pallas_gpu": dict(implementation="pallas_gpu", filter_eps="auto"),

@@ -154,6 +154,8 @@ def main(argv):
     names, w8a8_names = _split_recipes(_RECIPES.value)
     needs_calib = (any(calib_recipes.needs_calibration(n) for n in names)
                    or any(w8a8_recipes.needs_calibration(n) for n in w8a8_names))
+    if _CALIB_FILES.value and not needs_calib:
+      raise ValueError(f"--calib_files is given but no recipe of --recipes={_RECIPES.value} is calibrated")
     files = _calib_file_list(_CALIB_FILES.value) if needs_calib and _CALIB_FILES.value else None
     calib = _CALIB.value if needs_calib and files is None else 0
     source = _source(calib)

@@ -182,3 +182,7 @@ def test_script_calib_files_errors_are_one_line(workdir, tmp_path):
                 f"--calib_files={files}")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+  proc = _run(f"--workdir={workdir / 'run'}", "--recipes=int8", f"--out={tmp_path / 'o'}",
+              f"--calib_files={workdir}/x*.md")  # no calibrated recipe: the files would be ignored
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1 and "no recipe of --recipes=int8 is calibrated" in lines[0]

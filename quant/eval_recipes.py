@@ -97,6 +97,27 @@ def fitted_rules(params, name: str) -> tuple[tuple, list[str]]:
   return tuple(extra) + rules, list(notes.values())
 
 
+def baseline_row(params, base) -> dict:
+  """`compare`'s full-precision row from the model's Params (a pure dict) and its `evaluate.baseline`."""
+  nll = -np.concatenate([np.asarray(lp).reshape(-1) for lp in base.logprobs]).astype(np.float64)
+  bits = sum(x.size * x.dtype.itemsize * 8 for x in jax.tree.leaves(params))
+  elements = sum(x.size for x in jax.tree.leaves(params))
+  return {"recipe": BASELINE, "perplexity": math.exp(nll.mean()), "perplexity_change": 0.0, "kl": 0.0,
+          "kl_median": 0.0, "kl_p99": 0.0, "kl_max": 0.0, "top1_agreement": 1.0, "delta_p_rms": 0.0,
+          "bits_per_weight": bits / elements, "bits_per_weight_all": bits / elements, "param_bytes": bits / 8,
+          "tokens": int(nll.size), "seconds": base.seconds, "notes": []}
+
+
+def recipe_row(name: str, res: dict, report: dict, seconds: float, notes: list) -> dict:
+  """`compare`'s row of recipe `name` from its `evaluate` result and its `params.size_report`."""
+  return {"recipe": name, "perplexity": res["perplexity_q"], "perplexity_change": res["perplexity_change"],
+          "kl": res["kl_mean"], "kl_median": res["kl_median"], "kl_p99": res["kl_p99"], "kl_max": res["kl_max"],
+          "top1_agreement": res["top1_agreement"], "delta_p_rms": res["delta_p_rms"],
+          "bits_per_weight": _quantized_bits(report), "bits_per_weight_all": report["total"]["bits_per_weight"],
+          "param_bytes": report["total"]["after_bytes"], "tokens": res["tokens"], "seconds": seconds,
+          "notes": notes}
+
+
 def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_size: int = 8,
             chunk_tokens: int = 256, on_row: Callable[[int, int, dict], None] | None = None,
             on_batch: Callable[[str, dict], None] | None = None, calib_tokens=None) -> list[dict]:
@@ -113,15 +134,7 @@ def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_si
     raise ValueError(f"recipe {calibrated[0]!r} needs calibration tokens")
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   base = make_baseline(model, tokens, seq_len=seq_len, batch_size=batch_size)
-  n_tokens = int(base.windows.shape[0] * (base.windows.shape[1] - 1))
-  nll = -np.concatenate([np.asarray(lp).reshape(-1) for lp in base.logprobs]).astype(np.float64)
-  bits = sum(x.size * x.dtype.itemsize * 8 for x in jax.tree.leaves(params))
-  elements = sum(x.size for x in jax.tree.leaves(params))
-  ppl_fp = math.exp(nll.mean())
-  rows = [{"recipe": BASELINE, "perplexity": ppl_fp, "perplexity_change": 0.0, "kl": 0.0, "kl_median": 0.0,
-           "kl_p99": 0.0, "kl_max": 0.0, "top1_agreement": 1.0, "delta_p_rms": 0.0,
-           "bits_per_weight": bits / elements, "bits_per_weight_all": bits / elements, "param_bytes": bits / 8,
-           "tokens": n_tokens, "seconds": base.seconds, "notes": []}]
+  rows = [baseline_row(params, base)]
   if on_row:
     on_row(0, len(names), rows[0])
   for i, name in enumerate(names, 1):
@@ -136,13 +149,7 @@ def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_si
     model_q = _with_params(model, params_lib.dequantize_params(qparams))
     res = evaluate(base, model_q, base.windows, chunk_tokens=chunk_tokens,
                    progress=None if on_batch is None else (lambda p, name=name: on_batch(name, p)))
-    rows.append({"recipe": name, "perplexity": res["perplexity_q"], "perplexity_change": res["perplexity_change"],
-                 "kl": res["kl_mean"], "kl_median": res["kl_median"], "kl_p99": res["kl_p99"],
-                 "kl_max": res["kl_max"], "top1_agreement": res["top1_agreement"],
-                 "delta_p_rms": res["delta_p_rms"], "bits_per_weight": _quantized_bits(report),
-                 "bits_per_weight_all": report["total"]["bits_per_weight"],
-                 "param_bytes": report["total"]["after_bytes"], "tokens": res["tokens"],
-                 "seconds": time.perf_counter() - t0, "notes": notes})
+    rows.append(recipe_row(name, res, report, time.perf_counter() - t0, notes))
     if on_row:
       on_row(i, len(names), rows[-1])
   return rows

@@ -27,15 +27,13 @@ rows with the same fields.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
-import jax
-import numpy as np
 from flax import nnx
 
 from cce_jax.quant import apply
+from cce_jax.quant import eval_recipes
 from cce_jax.quant import params as params_lib
 from cce_jax.quant import recipes as recipes_lib
 from cce_jax.quant.calibrate import calibration_stats
@@ -43,7 +41,7 @@ from cce_jax.quant.evaluate import baseline as make_baseline
 from cce_jax.quant.evaluate import evaluate
 from cce_jax.quant.smoothquant import smoothquant
 
-BASELINE = "fp (baseline)"
+BASELINE = eval_recipes.BASELINE
 ALPHA = 0.5
 
 _TABLE = {  # name: (format, activation granularity, SmoothQuant alpha or None)
@@ -92,12 +90,6 @@ def quantize(model, name: str, *, stats=None, native_dots: bool = False):
   return apply.quantize_model(model, rules, act_quant=(fmt, act))
 
 
-def _quantized_bits(report) -> float:
-  rows = [r for r in report["params"].values() if r["format"] is not None]
-  elements = sum(math.prod(r["shape"]) for r in rows)
-  return sum(r["after_bits"] for r in rows) / elements if elements else float("nan")
-
-
 def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_size: int = 8,
             chunk_tokens: int = 256, calib_tokens=None, native_dots: bool = False,
             on_row: Callable[[int, int, dict], None] | None = None,
@@ -116,13 +108,7 @@ def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_si
     raise ValueError("the SmoothQuant recipes need calibration tokens")
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   base = make_baseline(model, tokens, seq_len=seq_len, batch_size=batch_size)
-  nll = -np.concatenate([np.asarray(lp).reshape(-1) for lp in base.logprobs]).astype(np.float64)
-  bits = sum(x.size * x.dtype.itemsize * 8 for x in jax.tree.leaves(params))
-  elements = sum(x.size for x in jax.tree.leaves(params))
-  rows = [{"recipe": BASELINE, "perplexity": math.exp(nll.mean()), "perplexity_change": 0.0, "kl": 0.0,
-           "kl_median": 0.0, "kl_p99": 0.0, "kl_max": 0.0, "top1_agreement": 1.0, "delta_p_rms": 0.0,
-           "bits_per_weight": bits / elements, "bits_per_weight_all": bits / elements, "param_bytes": bits / 8,
-           "tokens": int(nll.size), "seconds": base.seconds, "notes": []}]
+  rows = [eval_recipes.baseline_row(params, base)]
   if on_row:
     on_row(0, len(recipe_names), rows[0])
   stats = None
@@ -134,13 +120,8 @@ def compare(model, tokens, recipe_names, *, seq_len: int | None = None, batch_si
     report = params_lib.size_report(params, nnx.to_pure_dict(nnx.state(qmodel, nnx.Param)))
     res = evaluate(base, qmodel, base.windows, chunk_tokens=chunk_tokens,
                    progress=None if on_batch is None else (lambda p, name=name: on_batch(name, p)))
-    rows.append({"recipe": name, "perplexity": res["perplexity_q"], "perplexity_change": res["perplexity_change"],
-                 "kl": res["kl_mean"], "kl_median": res["kl_median"], "kl_p99": res["kl_p99"],
-                 "kl_max": res["kl_max"], "top1_agreement": res["top1_agreement"],
-                 "delta_p_rms": res["delta_p_rms"], "bits_per_weight": _quantized_bits(report),
-                 "bits_per_weight_all": report["total"]["bits_per_weight"],
-                 "param_bytes": report["total"]["after_bytes"], "tokens": res["tokens"],
-                 "seconds": time.perf_counter() - t0, "notes": [describe(name, native_dots=native_dots)]})
+    rows.append(eval_recipes.recipe_row(name, res, report, time.perf_counter() - t0,
+                                        [describe(name, native_dots=native_dots)]))
     if on_row:
       on_row(i, len(recipe_names), rows[-1])
   return rows
